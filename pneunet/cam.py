@@ -13,10 +13,11 @@ Both return maps of shape (N, H, W) at the input's size, scaled to [0, 1] per im
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+# The numpy form (what the edge runner computes) lives in the torch-free pneunet.heatmap; re-exported here.
+from pneunet.heatmap import cam_from_features  # noqa: F401
 from pneunet.models import PneuNetModel
 
 
@@ -35,19 +36,25 @@ def normalise_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return maps / peak[:, None, None]
 
 
-def cam_from_features(features: np.ndarray, weight: np.ndarray, sign: float = 1.0) -> np.ndarray:
-    """Numpy form of the gradient-free CAM on one (C, h, w) feature map, before upsampling: what the edge
-    runner computes. ``sign`` = -1 explains the normal class."""
-    return np.maximum(np.tensordot(sign * weight, features, axes=(0, 0)), 0.0)
+def _target_sign(target: str) -> float:
+    if target not in ("pneumonia", "normal"):
+        raise ValueError(f"unknown CAM target {target!r}; use 'pneumonia' or 'normal'")
+    return 1.0 if target == "pneumonia" else -1.0
+
+
+@torch.inference_mode()
+def cam_from_feature_map(model: PneuNetModel, features: torch.Tensor, size: tuple[int, int],
+                         target: str = "pneumonia") -> torch.Tensor:
+    """Gradient-free CAM from an already computed (N, C, h, w) feature map, upsampled to ``size``
+    (lets a caller run ``model.features`` once for the logits, the pooled features and the map)."""
+    weight, _ = classifier_weights(model)
+    maps = torch.einsum("c,nchw->nhw", _target_sign(target) * weight.to(features.dtype), features)
+    return normalise_maps(maps, size)
 
 
 @torch.inference_mode()
 def class_activation_map(model: PneuNetModel, images: torch.Tensor, target: str = "pneumonia") -> torch.Tensor:
-    weight, _ = classifier_weights(model)
-    sign = 1.0 if target == "pneumonia" else -1.0
-    features = model.features(images)
-    maps = torch.einsum("c,nchw->nhw", sign * weight.to(features.dtype), features)
-    return normalise_maps(maps, images.shape[-2:])
+    return cam_from_feature_map(model, model.features(images), images.shape[-2:], target)
 
 
 class GradCAM:
@@ -60,6 +67,7 @@ class GradCAM:
     def __init__(self, model: PneuNetModel):
         self.model = model
         self._features: torch.Tensor | None = None
+        self.features: torch.Tensor | None = None  # the last call's feature map, detached
         self._handle = None
 
     def __enter__(self) -> "GradCAM":
@@ -82,9 +90,10 @@ class GradCAM:
         with torch.enable_grad():
             images = images.detach().requires_grad_(True)
             logits = self.model(images)
-            score = logits if target == "pneumonia" else -logits
+            score = _target_sign(target) * logits
             score.sum().backward()
         features, gradients = self._features.detach(), self._features.grad.detach()
+        self.features = features  # kept for callers that also want pooled features
         weights = gradients.mean(dim=(2, 3), keepdim=True)
         maps = (weights * features).sum(dim=1)
         return normalise_maps(maps, images.shape[-2:]), logits.detach()

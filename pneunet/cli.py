@@ -1,7 +1,8 @@
 """Command line: ``python -m pneunet predict PATH... [--csv OUT.csv] [--cam OUT_DIR]``.
 
-Files and folders (searched recursively for images). One line per image on stdout; an unreadable file
-gets a one-line reason on stderr, the rest still run, and the exit code is 1 if any file failed.
+Files and folders (searched recursively for images). One line per image on stdout; an unreadable file,
+or one the input gate refuses as not a chest X-ray, gets a one-line reason on stderr, the rest still run,
+and the exit code is 1 if any file failed.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from pneunet.overlay import overlay_heatmap
     from pneunet.predictor import Predictor
-    from pneunet.preprocessing import InvalidImageError, load_grey, preprocess
+    from pneunet.preprocessing import InvalidImageError
 
-    predictor = Predictor.load(args.checkpoint)
+    predictor = Predictor.load(args.checkpoint, gate=not args.no_gate)
     files, any_folder = expand_paths(args.paths)
     if not files:
         print("error: no images found in the given paths", file=sys.stderr)
@@ -45,26 +46,36 @@ def run_predict(args: argparse.Namespace) -> int:
     if cam_dir:
         cam_dir.mkdir(parents=True, exist_ok=True)
     rows, failures = [], 0
+
+    def fail(path: Path, reason: str) -> None:
+        nonlocal failures
+        failures += 1
+        tqdm.write(f"{path}: {reason}", file=sys.stderr)
+        rows.append({"path": str(path), "label": "", "pneumonia_probability": "", "threshold": "", "error": reason})
+
     progress = tqdm(total=len(files), unit="image", disable=not any_folder or args.quiet, file=sys.stderr)
     for start in range(0, len(files), BATCH_SIZE):
-        batch_files, batch_inputs = [], []
+        batch_files, batch_prepared = [], []
         for path in files[start:start + BATCH_SIZE]:
             try:
-                batch_inputs.append(preprocess(path, predictor.config))
+                batch_prepared.append(predictor.prepare(path))  # decode + image-level input gate
                 batch_files.append(path)
-            except InvalidImageError as error:
-                failures += 1
-                tqdm.write(f"{path}: {error}", file=sys.stderr)
-                rows.append({"path": str(path), "label": "", "pneumonia_probability": "", "threshold": "", "error": str(error)})
-        if batch_inputs:
-            for path, result in zip(batch_files, predictor.predict_inputs(np.stack(batch_inputs), heatmap=cam_dir is not None)):
+            except InvalidImageError as error:  # unreadable, or refused as not a chest X-ray
+                fail(path, str(error))
+        if batch_prepared:
+            inputs = np.stack([prepared.model_input for prepared in batch_prepared])
+            results = predictor.predict_inputs(inputs, heatmap=cam_dir is not None)
+            for path, prepared, result in zip(batch_files, batch_prepared, results):
+                if result.refusal:  # feature-level input gate
+                    fail(path, result.refusal)
+                    continue
                 rows.append({"path": str(path), "label": result.label,
                              "pneumonia_probability": f"{result.pneumonia_probability:.4f}",
                              "threshold": f"{result.threshold:.4f}", "error": ""})
                 if not args.csv:
                     tqdm.write(f"{path}\t{result.label}\t{result.pneumonia_probability:.4f}")
                 if cam_dir is not None:
-                    overlay_heatmap(load_grey(path), result.heatmap).save(cam_dir / f"{path.stem}_cam.png")
+                    overlay_heatmap(prepared.grey, result.heatmap).save(cam_dir / f"{path.stem}_cam.png")
         progress.update(len(files[start:start + BATCH_SIZE]))
     progress.close()
     if args.csv:
@@ -83,7 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", help="image files (JPEG, PNG, DICOM, ...) or folders")
     predict.add_argument("--csv", default=None, help="write results to this CSV instead of stdout")
     predict.add_argument("--cam", default=None, help="write heatmap overlays (PNG) into this folder")
-    predict.add_argument("--checkpoint", default=None, help="model .safetensors (default: the shipped model)")
+    predict.add_argument("--checkpoint", default=None,
+                         help="model .safetensors (default: $PNEUNET_CHECKPOINT, else the shipped model)")
+    predict.add_argument("--no-gate", action="store_true",
+                         help="do not refuse images that do not look like chest X-rays (default: refuse them)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=run_predict)
     return parser

@@ -4,24 +4,37 @@
     predictor = load_predictor()                 # the shipped model, loaded once
     result = predictor.predict("chest.jpeg", heatmap=True)
     result.label, result.pneumonia_probability, result.threshold, result.heatmap.shape
+
+The checkpoint comes from one place: ``default_checkpoint()`` (``$PNEUNET_CHECKPOINT`` or the shipped
+``pneunet/weights/pneunet.safetensors``). When ``<checkpoint>.gate.safetensors`` exists, ``predict``
+refuses images that are not chest X-rays with ``NotAnXrayError`` (see ``pneunet.gate``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from pneunet.cam import GradCAM, class_activation_map
+from pneunet.cam import GradCAM, cam_from_feature_map
 from pneunet.checkpoint import load_checkpoint
 from pneunet.config import ModelConfig
+from pneunet.gate import InputGate, NotAnXrayError, gate_path_for
 from pneunet.models import PneuNetModel
-from pneunet.preprocessing import ImageSource, preprocess
+from pneunet.preprocessing import ImageSource, decode, load_grey, normalize, to_unit
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "pneunet.safetensors"
+CHECKPOINT_ENV = "PNEUNET_CHECKPOINT"
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint everything loads by default: ``$PNEUNET_CHECKPOINT`` if set, else the shipped model."""
+    return Path(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT)
 
 
 @dataclass
@@ -31,51 +44,100 @@ class Prediction:
     threshold: float  # label is pneumonia when pneumonia_probability >= threshold
     logit: float  # raw model logit, before temperature
     heatmap: np.ndarray | None = None  # (image_size, image_size) in [0, 1], over the squashed input
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # every requested target -> map
+    pooled_features: np.ndarray | None = None  # (C,) mean over H, W of model.features(x): the gate's input
+    gate_distance: float | None = None  # input-gate distance (None without a gate)
+    refusal: str | None = None  # why the input gate refuses this image, or None
+
+
+@dataclass
+class PreparedImage:
+    """A decoded upload that passed the image-level gate: grey at its own size, and the model input."""
+
+    grey: Image.Image
+    model_input: np.ndarray  # (channels, size, size)
 
 
 class Predictor:
-    def __init__(self, model: PneuNetModel, config: ModelConfig):
+    def __init__(self, model: PneuNetModel, config: ModelConfig, gate: InputGate | None = None):
         # channels_last: ~1.6x faster convolutions on CPU, same numbers.
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.config = config
+        self.gate = gate
         self.device = next(model.parameters()).device
 
     @classmethod
-    def load(cls, checkpoint: str | Path | None = None, device: str = "cpu") -> "Predictor":
-        model, config = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT, device=device)
-        return cls(model, config)
+    def load(cls, checkpoint: str | Path | None = None, device: str = "cpu", gate: bool = True) -> "Predictor":
+        """Load a checkpoint (default: ``default_checkpoint()``) and, when ``gate`` and the file
+        ``<checkpoint>.gate.safetensors`` exists, its input gate."""
+        checkpoint = Path(checkpoint) if checkpoint else default_checkpoint()
+        model, config = load_checkpoint(checkpoint, device=device)
+        gate_file = gate_path_for(checkpoint)
+        return cls(model, config, InputGate.load(gate_file) if gate and gate_file.is_file() else None)
 
     def calibrated_probability(self, logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.config.temperature))
 
-    def _result(self, logit: float, heatmap: np.ndarray | None) -> Prediction:
+    def _result(self, logit: float, maps: dict[str, np.ndarray], pooled: np.ndarray) -> Prediction:
         probability = float(self.calibrated_probability(logit))
         label = self.config.labels[1] if probability >= self.config.threshold else self.config.labels[0]
-        return Prediction(label, probability, float(self.config.threshold), float(logit), heatmap)
+        distance = refusal = None
+        if self.gate is not None:
+            distance = float(self.gate.distance(pooled)[0])
+            refusal = self.gate.feature_refusal(distance)
+        first = next(iter(maps.values())) if maps else None
+        return Prediction(label, probability, float(self.config.threshold), float(logit), first, maps, pooled,
+                          distance, refusal)
 
-    def predict_inputs(self, inputs: np.ndarray, heatmap: bool = False, target: str = "pneumonia") -> list[Prediction]:
-        """Predict on already-preprocessed inputs of shape (N, channels, size, size)."""
+    def prepare(self, source: ImageSource) -> PreparedImage:
+        """Decode, apply the image-level gate (colour, blank) and preprocess. Raises ``InvalidImageError``
+        (``NotAnXrayError`` for a refused image) with a message for the person who gave the image."""
+        decoded = decode(source)
+        if self.gate is not None:
+            self.gate.check_image(decoded)
+        grey = load_grey(decoded)
+        return PreparedImage(grey, normalize(to_unit(grey, self.config), self.config))
+
+    def predict_inputs(self, inputs: np.ndarray, heatmap: bool = False,
+                       target: str | Sequence[str] = "pneumonia") -> list[Prediction]:
+        """Predict on already-preprocessed inputs of shape (N, channels, size, size). Never raises for
+        the feature-level gate: a refused image has ``refusal`` set."""
+        targets = [target] if isinstance(target, str) else list(target)
         batch = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
         batch = batch.to(self.device, memory_format=torch.channels_last)
-        maps = None
-        if not heatmap:
+        size = tuple(batch.shape[-2:])
+        maps: dict[str, torch.Tensor] = {}
+        if not heatmap or self.model.pooled_linear:
+            # One pass through the trunk gives the logits, the pooled features and the gradient-free CAM.
             with torch.inference_mode():
-                logits = self.model(batch)
-        elif self.model.pooled_linear:
-            with torch.inference_mode():
-                logits = self.model(batch)
-                maps = class_activation_map(self.model, batch, target)
+                features = self.model.features(batch)
+                logits = self.model.head(features).squeeze(-1)
+                if heatmap:
+                    maps = {t: cam_from_feature_map(self.model, features, size, t) for t in targets}
         else:
             with GradCAM(self.model) as grad_cam:
-                maps, logits = grad_cam(batch, target)
-        logits_np = logits.float().cpu().numpy()
-        maps_np = maps.float().cpu().numpy() if maps is not None else [None] * len(logits_np)
-        return [self._result(logit, heat) for logit, heat in zip(logits_np, maps_np)]
+                for t in targets:
+                    maps[t], logits = grad_cam(batch, t)
+                features = grad_cam.features
+        pooled = features.float().mean(dim=(2, 3)).cpu().numpy()
+        logits_np = logits.float().cpu().numpy().reshape(-1)
+        maps_np = {t: m.float().cpu().numpy() for t, m in maps.items()}
+        return [self._result(logit, {t: m[i] for t, m in maps_np.items()}, pooled[i])
+                for i, logit in enumerate(logits_np)]
 
-    def predict(self, source: ImageSource, heatmap: bool = False, target: str = "pneumonia") -> Prediction:
-        """One image (path, bytes, PIL image or array). Raises ``InvalidImageError`` for bad input."""
-        return self.predict_inputs(preprocess(source, self.config)[None], heatmap, target)[0]
+    def predict(self, source: ImageSource, heatmap: bool = False, target: str | Sequence[str] = "pneumonia",
+                gate: bool = True) -> Prediction:
+        """One image (path, bytes, PIL image or array). Raises ``InvalidImageError`` for bad input and,
+        when ``gate`` and a gate is loaded, ``NotAnXrayError`` for an image that is not a chest X-ray."""
+        if gate:
+            model_input = self.prepare(source).model_input
+        else:
+            model_input = normalize(to_unit(source, self.config), self.config)
+        result = self.predict_inputs(model_input[None], heatmap, target)[0]
+        if gate and result.refusal:
+            raise NotAnXrayError(result.refusal)
+        return result
 
     def predict_many(self, sources: Iterable[ImageSource], heatmap: bool = False) -> list[Prediction]:
-        """Several valid images in one batch."""
-        return self.predict_inputs(np.stack([preprocess(s, self.config) for s in sources]), heatmap)
+        """Several valid images in one batch (no gate refusal raised: check ``refusal``)."""
+        return self.predict_inputs(np.stack([self.prepare(s).model_input for s in sources]), heatmap)

@@ -125,6 +125,8 @@ def _decode_bytes(data: bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as error:
         raise InvalidImageError("not a recognised image file (expected JPEG, PNG, TIFF, BMP or DICOM)") from error
+    except Image.DecompressionBombError as error:
+        raise InvalidImageError(f"image is larger than the {MAX_PIXELS // 1_000_000} megapixel limit") from error
     except Exception as error:
         raise InvalidImageError(f"image could not be opened ({error})") from error
     _check_size(image.size)
@@ -163,8 +165,9 @@ def _pil_to_grey(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def load_grey(source: ImageSource) -> Image.Image:
-    """Decode any supported source to an 8-bit grey PIL image at its own size."""
+def decode(source: ImageSource) -> Image.Image:
+    """Decode any supported source to a PIL image at its own size and in its own mode (colour kept),
+    with size limits checked. DICOM comes back grey, already windowed."""
     if isinstance(source, (str, os.PathLike)):
         image = _decode_bytes(_read_bytes(source))
     elif isinstance(source, (bytes, bytearray, memoryview)):
@@ -176,6 +179,12 @@ def load_grey(source: ImageSource) -> Image.Image:
     else:
         raise InvalidImageError(f"cannot read an image from a {type(source).__name__}")
     _check_size(image.size)
+    return image
+
+
+def load_grey(source: ImageSource) -> Image.Image:
+    """Decode any supported source to an 8-bit grey PIL image at its own size."""
+    image = decode(source)
     try:
         return _pil_to_grey(image)
     except InvalidImageError:

@@ -119,6 +119,17 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: t
     return {"loss": loss, **_auc_acc(labels, metrics.sigmoid(logits))}
 
 
+def calibrate_on_validation(model: nn.Module, val_loader: DataLoader, device: torch.device,
+                            min_sensitivity: float) -> tuple[float, float, dict]:
+    """Temperature (NLL on validation), then the operating threshold on the calibrated validation
+    probabilities: (temperature, threshold, validation metrics at that threshold)."""
+    logits, labels = predict_logits(model, val_loader, device)
+    temperature = metrics.fit_temperature(logits, labels)
+    probabilities = metrics.sigmoid(logits / temperature)
+    threshold = metrics.high_sensitivity_threshold(labels, probabilities, min_sensitivity)
+    return temperature, threshold, metrics.summary(labels, probabilities, threshold, ci_resamples=0)
+
+
 def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -251,10 +262,7 @@ def main(args: argparse.Namespace) -> Path:
     final = build_model(config)
     final.load_state_dict(best_state)
     final.to(device, memory_format=torch.channels_last)
-    val_logits, val_labels = predict_logits(final, val_loader, device)
-    temperature = metrics.fit_temperature(val_logits, val_labels)
-    val_probabilities = metrics.sigmoid(val_logits / temperature)
-    threshold = metrics.high_sensitivity_threshold(val_labels, val_probabilities, args.min_sensitivity)
+    temperature, threshold, val_summary = calibrate_on_validation(final, val_loader, device, args.min_sensitivity)
     epoch_seconds = [row["train_seconds"] for row in history]
     config.temperature, config.threshold = temperature, threshold
     config.provenance = {
@@ -273,7 +281,7 @@ def main(args: argparse.Namespace) -> Path:
         "hardware": hardware(device), "amp": use_amp, "torch": torch.__version__,
         "seconds_per_epoch_median": float(np.median(epoch_seconds)), "train_seconds_total": float(np.sum(epoch_seconds)),
         "threshold_rule": f"highest threshold with validation sensitivity >= {args.min_sensitivity}",
-        "val": metrics.summary(val_labels, val_probabilities, threshold, ci_resamples=0),
+        "val": val_summary,
     }
     digest = save_checkpoint(final.cpu(), config, out / "model.safetensors")
     print(f"saved {out / 'model.safetensors'} (sha256 {digest[:12]}...): best epoch {best_epoch}, "

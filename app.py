@@ -1,0 +1,320 @@
+"""PneuNet web app: upload a chest X-ray, get a verdict, a calibrated probability and a heatmap.
+
+    python app.py            # serves on http://127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT override)
+
+Runs offline as a Hugging Face Space: no analytics, no share link, nothing fetched at start-up. The model
+is loaded once, from ``$PNEUNET_CHECKPOINT`` or the shipped ``pneunet/weights/pneunet.safetensors``.
+Uploads live in a private temporary folder and are deleted when the requests using them end (after a
+grace of ``$PNEUNET_UPLOAD_GRACE_S``, default 30 s, because identical uploads share one file); result
+images shown in the page are swept from it after 10 minutes; nothing about an image is logged.
+Not a medical device; not for diagnosis.
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# Privacy and offline operation: these must be set before gradio (or huggingface_hub) is imported.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+UPLOAD_DIR = Path(tempfile.mkdtemp(prefix="pneunet-app-"))  # mode 0700: only this user can read uploads
+os.environ["GRADIO_TEMP_DIR"] = str(UPLOAD_DIR)
+atexit.register(shutil.rmtree, UPLOAD_DIR, ignore_errors=True)
+
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pneunet.gate import NotAnXrayError  # noqa: E402
+from pneunet.overlay import overlay_heatmap  # noqa: E402
+from pneunet.predictor import Prediction, Predictor, default_checkpoint  # noqa: E402
+from pneunet.preprocessing import InvalidImageError  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+EXAMPLES = sorted((HERE / "pneunet" / "examples").glob("*.jpeg"))
+UPLOAD_TYPES = [".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"]
+MAX_BATCH_FILES = 100
+DISPLAY_SIDE = 1024  # longest side of the images sent back to the page (aspect ratio kept)
+# Two requests at once keep both CPU cores busy without making each one slower (see docs/app_benchmark.md).
+CONCURRENCY = int(os.environ.get("PNEUNET_APP_CONCURRENCY", "2"))
+
+CHECKPOINT = default_checkpoint()
+PREDICTOR = Predictor.load(CHECKPOINT)
+NORMAL_LABEL, PNEUMONIA_LABEL = PREDICTOR.config.labels
+
+
+# ------------------------------------------------------------------------------ shipped evaluation
+
+
+def _weights_file(name: str) -> Path | None:
+    """A file shipped beside the checkpoint (REPORT.md, metrics.json), else beside the default one."""
+    for folder in (CHECKPOINT.parent, HERE / "pneunet" / "weights"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _find_operating_point(metrics: object, path: str = "") -> tuple[str, dict] | None:
+    """The first dict holding sensitivity and specificity in metrics.json, preferring the test split."""
+    if isinstance(metrics, dict):
+        if "sensitivity" in metrics and "specificity" in metrics:
+            return path, metrics
+        keys = sorted(metrics, key=lambda key: "test" not in str(key))
+        for key in keys:
+            found = _find_operating_point(metrics[key], f"{path}/{key}")
+            if found:
+                return found
+    return None
+
+
+def operating_point() -> tuple[str, float, float] | None:
+    """(where it was measured, sensitivity, specificity) at the model's threshold."""
+    metrics_file = _weights_file("metrics.json")
+    if metrics_file is not None:
+        found = _find_operating_point(json.loads(metrics_file.read_text()))
+        if found:
+            where, values = found
+            split = "test set" if "test" in where else where.strip("/")
+            count = f" ({values['n']} images)" if "n" in values else ""
+            return f"the shipped evaluation on the held-out {split}{count}", values["sensitivity"], values["specificity"]
+    val = PREDICTOR.config.provenance.get("val")
+    if isinstance(val, dict) and "sensitivity" in val:
+        return f"validation ({val.get('n', '?')} images)", val["sensitivity"], val["specificity"]
+    return None
+
+
+OPERATING_POINT = operating_point()
+
+
+def threshold_meaning() -> str:
+    threshold = PREDICTOR.config.threshold
+    text = f"The model says *pneumonia* when the probability is at least **{threshold:.2f}**."
+    if OPERATING_POINT:
+        where, sensitivity, specificity = OPERATING_POINT
+        text += (f" In {where} that threshold found **{sensitivity:.0%}** of the pneumonia X-rays (sensitivity) "
+                 f"and cleared **{specificity:.0%}** of the normal ones (specificity): it is set to miss few "
+                 "pneumonias, at the price of some false alarms.")
+    return text
+
+
+def about_markdown() -> str:
+    report = _weights_file("REPORT.md")
+    if report is not None:
+        return report.read_text()
+    return ("The shipped evaluation report (`pneunet/weights/REPORT.md`) is not in this copy of the app.\n\n"
+            f"Model: `{PREDICTOR.config.architecture}`, input {PREDICTOR.config.image_size} px, "
+            f"threshold {PREDICTOR.config.threshold:.3f}.\n\n"
+            "Trained on paediatric (1-5 years) chest X-rays from a single centre (Kermany et al. 2018, CC BY 4.0). "
+            "**Not a medical device; not for diagnosis.**")
+
+
+# ------------------------------------------------------------------------------ request handling
+
+
+class UploadJanitor:
+    """Deletes Gradio's copies of uploads shortly after the last request using them ends.
+
+    Gradio stores an upload under the sha256 of its content, so two requests with the same bytes share
+    one file: deleting it the moment one request ends would break the other (still queued) one. Each
+    file is therefore deleted ``grace_s`` seconds after its last user finished (never while in use);
+    files outside the private folder, such as the bundled examples, are never touched."""
+
+    def __init__(self, folder: Path, grace_s: float):
+        self.folder, self.grace_s = folder.resolve(), grace_s
+        self._users: dict[Path, int] = {}
+        self._deadlines: dict[Path, float] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._sweep_forever, name="upload-janitor", daemon=True).start()
+
+    def _own(self, path: str | None) -> Path | None:
+        if not path:
+            return None
+        resolved = Path(path).resolve()
+        return resolved if resolved.is_relative_to(self.folder) and resolved != self.folder else None
+
+    @contextmanager
+    def using(self, *paths: str | None):
+        owned = [p for p in map(self._own, paths) if p is not None]
+        with self._lock:
+            for path in owned:
+                self._users[path] = self._users.get(path, 0) + 1
+                self._deadlines.pop(path, None)
+        try:
+            yield
+        finally:
+            with self._lock:
+                for path in owned:
+                    self._users[path] -= 1
+                    if self._users[path] == 0:
+                        del self._users[path]
+                        self._deadlines[path] = time.monotonic() + self.grace_s
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [path for path, deadline in self._deadlines.items() if deadline <= now]
+            for path in expired:
+                del self._deadlines[path]
+                path.unlink(missing_ok=True)
+                if path.parent != self.folder and path.parent.is_dir() and not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+
+    def _sweep_forever(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.grace_s))
+            self.sweep()
+
+
+JANITOR = UploadJanitor(UPLOAD_DIR, float(os.environ.get("PNEUNET_UPLOAD_GRACE_S", "30")))
+GONE = "The uploaded file is no longer on the server (uploads are deleted right after use); please upload it again."
+
+
+def _display(image: Image.Image) -> Image.Image:
+    """Shrink for the page, keeping the upload's own aspect ratio."""
+    image = image.copy()
+    image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.LANCZOS)
+    return image
+
+
+def _analyse(path: str | None, targets: tuple[str, ...]) -> tuple[Prediction, Image.Image]:
+    """Run the model on one uploaded file; every way it can fail becomes a ``gr.Error``."""
+    if not path:
+        raise gr.Error("Please upload a chest X-ray image first (JPEG, PNG or DICOM).")
+    if not Path(path).is_file():
+        raise gr.Error(GONE)
+    try:
+        with JANITOR.using(path):
+            prepared = PREDICTOR.prepare(path)
+        result = PREDICTOR.predict_inputs(prepared.model_input[None], heatmap=True, target=targets)[0]
+    except NotAnXrayError as error:
+        raise gr.Error(f"This image was not analysed: {error}") from None
+    except InvalidImageError as error:
+        raise gr.Error(f"This file could not be read as an image: {error}") from None
+    if result.refusal:
+        raise gr.Error(f"This image was not analysed: {result.refusal}")
+    return result, prepared.grey
+
+
+def result_json(result: Prediction, target: str) -> dict:
+    return {"label": result.label, "pneumonia_probability": round(result.pneumonia_probability, 4),
+            "threshold": round(result.threshold, 4), "heatmap_target": target}
+
+
+def verdict_markdown(result: Prediction) -> str:
+    if result.label == PNEUMONIA_LABEL:
+        headline = "## Pneumonia suspected"
+    else:
+        headline = "## No pneumonia found"
+    return (f"{headline}\n\nCalibrated pneumonia probability: **{result.pneumonia_probability:.1%}** "
+            f"(threshold {result.threshold:.2f}).\n\n{threshold_meaning()}\n\n"
+            "The heatmap shows where in the image the evidence for the chosen class came from. "
+            "*Screening aid for research: not a medical device, not for diagnosis.*")
+
+
+def analyse_upload(path: str | None):
+    """UI: verdict, original, pneumonia heatmap, normal heatmap, JSON."""
+    result, grey = _analyse(path, ("pneumonia", "normal"))
+    overlays = [_display(overlay_heatmap(grey, result.heatmaps[t])) for t in ("pneumonia", "normal")]
+    return verdict_markdown(result), _display(grey), *overlays, result_json(result, "pneumonia")
+
+
+def predict(path: str | None, target: str = "pneumonia"):
+    """API ``/predict``: (JSON with label, pneumonia_probability, threshold; heatmap overlay image)."""
+    if target not in ("pneumonia", "normal"):
+        raise gr.Error("target must be 'pneumonia' or 'normal'")
+    result, grey = _analyse(path, (target,))
+    return result_json(result, target), _display(overlay_heatmap(grey, result.heatmaps[target]))
+
+
+def analyse_batch(paths: list[str] | None):
+    """Batch tab: a results table and a CSV to download (no heatmaps)."""
+    paths = paths or []
+    if not paths:
+        raise gr.Error("Please upload one or more chest X-ray images.")
+    if len(paths) > MAX_BATCH_FILES:
+        raise gr.Error(f"{len(paths)} files is more than the {MAX_BATCH_FILES} a batch can hold; split them up.")
+    rows = []
+    with JANITOR.using(*paths):
+        for path in paths:
+            name = Path(path).name
+            try:
+                prepared = PREDICTOR.prepare(path)
+                result = PREDICTOR.predict_inputs(prepared.model_input[None])[0]
+                error = result.refusal or ""
+            except InvalidImageError as exception:
+                result, error = None, str(exception)
+            if result is None or error:
+                rows.append([name, "", None, round(PREDICTOR.config.threshold, 4), error])
+            else:
+                rows.append([name, result.label, round(result.pneumonia_probability, 4), round(result.threshold, 4), ""])
+    headers = ["file", "label", "pneumonia_probability", "threshold", "error"]
+    # The CSV is a result, not an upload: it sits in the private folder until the cache sweep removes it.
+    csv_path = Path(tempfile.mkdtemp(dir=UPLOAD_DIR)) / "pneunet_results.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(headers)
+        writer.writerows(rows)
+    return gr.Dataframe(value=rows, headers=headers), str(csv_path)
+
+
+# ------------------------------------------------------------------------------ page
+
+with gr.Blocks(title="PneuNet: pneumonia screening on chest X-rays", delete_cache=(60, 600)) as demo:
+    gr.Markdown("# PneuNet\nPneumonia screening on chest X-rays, with a heatmap of where the model looked. "
+                "**Research tool: not a medical device, not for diagnosis.** Uploads are deleted after each request.")
+    with gr.Tab("Single image"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="Chest X-ray (JPEG, PNG 8/16-bit, DICOM)", file_types=UPLOAD_TYPES,
+                                 type="filepath", elem_id="upload")
+                verdict = gr.Markdown(elem_id="verdict")
+                raw = gr.JSON(label="Result (JSON)", elem_id="result-json")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    original = gr.Image(label="Original", type="pil", format="png", interactive=False, elem_id="original")
+                    with gr.Tabs():
+                        with gr.Tab("Heatmap: pneumonia"):
+                            heat_pneumonia = gr.Image(label="Evidence for pneumonia", type="pil", format="png",
+                                                      interactive=False, elem_id="heatmap")
+                        with gr.Tab("Heatmap: normal"):
+                            heat_normal = gr.Image(label="Evidence for normal", type="pil", format="png",
+                                                   interactive=False, elem_id="heatmap-normal")
+        outputs = [verdict, original, heat_pneumonia, heat_normal, raw]
+        upload.upload(analyse_upload, upload, outputs, api_visibility="private")
+        if EXAMPLES:
+            gr.Examples([[str(path)] for path in EXAMPLES], inputs=upload, outputs=outputs, fn=analyse_upload,
+                        run_on_click=True, cache_examples=False,
+                        label="Examples: test-set X-rays from Kermany et al. 2018 (CC BY 4.0, see pneunet/examples/ATTRIBUTION.md)")
+    with gr.Tab("Batch"):
+        batch_files = gr.File(label="Chest X-rays", file_count="multiple", file_types=UPLOAD_TYPES, type="filepath")
+        batch_button = gr.Button("Analyse all", variant="primary")
+        batch_table = gr.Dataframe(headers=["file", "label", "pneumonia_probability", "threshold", "error"],
+                                   interactive=False, label="Results")
+        batch_csv = gr.File(label="Results as CSV", interactive=False)
+        batch_button.click(analyse_batch, batch_files, [batch_table, batch_csv], api_name="predict_batch")
+    with gr.Tab("About the model"):
+        gr.Markdown(about_markdown())
+    # The programmatic endpoint: invisible components, so the API returns exactly (JSON, heatmap image).
+    with gr.Row(visible=False):
+        api_file = gr.File(type="filepath", label="image")
+        api_target = gr.Radio(["pneumonia", "normal"], value="pneumonia", label="heatmap target")
+        api_json = gr.JSON(label="result")
+        api_heatmap = gr.Image(type="pil", format="png", label="heatmap overlay")
+        api_button = gr.Button("predict")
+    api_button.click(predict, [api_file, api_target], [api_json, api_heatmap], api_name="predict")
+
+demo.queue(default_concurrency_limit=CONCURRENCY, max_size=128)
+
+LAUNCH_OPTIONS = dict(share=False, ssr_mode=False, max_file_size="64mb", show_error=False, footer_links=["api"])
+
+if __name__ == "__main__":
+    demo.launch(**LAUNCH_OPTIONS)

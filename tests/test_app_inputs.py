@@ -1,0 +1,133 @@
+"""What people upload: DICOM variants give the JPEG's prediction; broken files get clear errors.
+
+Uses the shipped model, or the checkpoint in $PNEUNET_CHECKPOINT.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneunet.gate import NotAnXrayError
+from pneunet.predictor import Predictor
+from pneunet.preprocessing import InvalidImageError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "pneunet" / "examples"
+XRAY = EXAMPLES / "pneumonia_person1_virus_6.jpeg"
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor.load()
+
+
+def write_dicom(path: Path, grey: np.ndarray, photometric: str, bits: int) -> Path:
+    """A minimal secondary-capture DICOM holding ``grey`` (uint8, bone bright) as MONOCHROME1/2, 8/12/16-bit."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    peak = 2**bits - 1
+    pixels = np.round(grey.astype(np.float64) * peak / 255.0)
+    if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone dark
+        pixels = peak - pixels
+    pixels = pixels.astype(np.uint8 if bits == 8 else np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = pydicom.Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "CR"
+    dataset.Rows, dataset.Columns = grey.shape
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = photometric
+    dataset.BitsAllocated = 8 if bits == 8 else 16
+    dataset.BitsStored, dataset.HighBit = bits, bits - 1
+    dataset.PixelRepresentation = 0
+    dataset.PixelData = pixels.tobytes()
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_dicom_variants_give_the_jpeg_prediction(predictor, tmp_path, photometric, bits):
+    grey = np.asarray(Image.open(XRAY).convert("L"))
+    dicom = write_dicom(tmp_path / "xray.dcm", grey, photometric, bits)
+    from_jpeg = predictor.predict(XRAY)
+    from_dicom = predictor.predict(dicom)
+    assert from_dicom.label == from_jpeg.label
+    assert from_dicom.pneumonia_probability == pytest.approx(from_jpeg.pneumonia_probability, abs=0.02)
+
+
+def test_sixteen_bit_png_gives_the_jpeg_prediction(predictor, tmp_path):
+    grey = np.asarray(Image.open(XRAY).convert("L")).astype(np.uint16) * 257
+    path = tmp_path / "xray16.png"
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode.startswith("I")
+    assert predictor.predict(path).pneumonia_probability == pytest.approx(
+        predictor.predict(XRAY).pneumonia_probability, abs=0.02)
+
+
+def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, words its error message must contain)."""
+    good = XRAY.read_bytes()
+    files: dict[str, tuple[bytes, str, str]] = {
+        "truncated": (good[: len(good) // 3], ".jpeg", "truncated"),
+        "zero_byte": (b"", ".png", "empty"),
+        "text_as_image": (b"this is not an image, it is a note\n" * 20, ".jpeg", "not a recognised image"),
+    }
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, format="PNG")  # 100 MP that compress to a few kB
+    files["decompression_bomb"] = (buffer.getvalue(), ".png", "megapixel limit")
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    files["one_pixel"] = (buffer.getvalue(), ".png", "too small")
+    files["huge_file"] = (good + b"\0" * (65 * 2**20), ".jpeg", "limit")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    pixelless = tmp_path / "no_pixels.dcm"
+    write_dicom(pixelless, np.zeros((40, 40), np.uint8), "MONOCHROME2", 8)
+    import pydicom
+
+    dataset = pydicom.dcmread(pixelless)
+    del dataset.PixelData
+    dataset.save_as(pixelless)
+    files["dicom_without_pixels"] = (pixelless.read_bytes(), ".dcm", "no pixel data")
+    paths = {}
+    for name, (data, suffix, words) in files.items():
+        path = tmp_path / f"{name}{suffix}"
+        path.write_bytes(data)
+        paths[name] = (path, words)
+    return paths
+
+
+def test_bad_inputs_get_clear_errors(predictor, tmp_path):
+    for name, (path, words) in bad_inputs(tmp_path).items():
+        with pytest.raises(InvalidImageError) as raised:
+            predictor.predict(path)
+        assert words in str(raised.value), f"{name}: {raised.value}"
+    assert predictor.predict(XRAY).label in predictor.config.labels  # still works afterwards
+
+
+def test_cmyk_xray_is_read_and_cmyk_colour_photo_is_refused(predictor, tmp_path):
+    """CMYK is only a colour space: a grey X-ray saved as CMYK is analysed as usual; a colour photo in
+    CMYK is refused by the input gate like any colour photo."""
+    cmyk_xray = tmp_path / "xray_cmyk.jpeg"
+    Image.open(XRAY).convert("RGB").convert("CMYK").save(cmyk_xray, quality=95)
+    assert predictor.predict(cmyk_xray).pneumonia_probability == pytest.approx(
+        predictor.predict(XRAY).pneumonia_probability, abs=0.05)
+    if predictor.gate is None:
+        pytest.fail("no input gate beside the checkpoint: run python -m training.fit_gate --checkpoint CKPT")
+    import skimage.data
+
+    photo = tmp_path / "photo_cmyk.jpeg"
+    Image.fromarray(skimage.data.astronaut()).convert("CMYK").save(photo)
+    with pytest.raises(NotAnXrayError, match="colour picture"):
+        predictor.predict(photo)

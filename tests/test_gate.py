@@ -1,0 +1,117 @@
+"""Input gate: numpy-only, fitted distances behave, storage round-trips, real X-rays pass, non-X-rays don't."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneunet.gate import InputGate, NotAnXrayError, colourfulness, gate_path_for, grey_spread
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "pneunet" / "examples").glob("*.jpeg"))
+
+
+def test_gate_module_needs_no_torch():
+    code = "import sys, pneunet.gate; assert 'torch' not in sys.modules, 'pneunet.gate imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def synthetic_gate(seed: int = 0) -> tuple[InputGate, np.ndarray, np.ndarray]:
+    """Features on a 10-dim subspace of 100 dims plus small noise, like pooled CNN features."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(10, 100))
+
+    def sample(count: int) -> np.ndarray:
+        return rng.normal(size=(count, 10)) * np.linspace(5, 1, 10) @ basis + 0.1 * rng.normal(size=(count, 100))
+
+    gate = InputGate.fit(sample(2000), dims=10)
+    gate.calibrate(sample(500))
+    return gate, sample(500), rng.normal(size=(50, 100)) * 3
+
+
+def test_fitted_gate_accepts_in_distribution_and_refuses_outliers():
+    gate, held_out, outliers = synthetic_gate()
+    assert np.mean(gate.distance(held_out) > gate.threshold) <= 0.02
+    assert np.all(gate.distance(outliers) > gate.threshold)
+    with pytest.raises(NotAnXrayError, match="does not look like a chest X-ray"):
+        gate.check_features(outliers[0])
+    gate.check_features(held_out[gate.distance(held_out) <= gate.threshold][0])
+
+
+def test_gate_file_round_trip(tmp_path):
+    gate, held_out, _ = synthetic_gate()
+    gate.save(tmp_path / "gate.safetensors", metadata={"note": "test"})
+    loaded = InputGate.load(tmp_path / "gate.safetensors")
+    assert loaded.threshold == pytest.approx(gate.threshold)
+    assert np.allclose(loaded.distance(held_out), gate.distance(held_out), rtol=1e-4)
+    assert gate_path_for("weights/pneunet.safetensors") == Path("weights/pneunet.gate.safetensors")
+
+
+def test_image_checks():
+    import skimage.data
+
+    grey_xray = Image.open(EXAMPLES[0])
+    assert colourfulness(grey_xray) < 2 and grey_spread(grey_xray) > 10
+    assert colourfulness(Image.fromarray(skimage.data.astronaut())) > 20
+    gate, _, _ = synthetic_gate()
+    with pytest.raises(NotAnXrayError, match="colour picture"):
+        gate.check_image(Image.fromarray(skimage.data.coffee()))
+    with pytest.raises(NotAnXrayError, match="blank"):
+        gate.check_image(Image.new("L", (256, 256), 0))
+    gate.check_image(grey_xray)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    from pneunet.predictor import Predictor, default_checkpoint
+
+    loaded = Predictor.load()
+    if loaded.gate is None:
+        pytest.fail(f"{gate_path_for(default_checkpoint())} missing: run python -m training.fit_gate "
+                    f"--checkpoint {default_checkpoint()}")
+    return loaded
+
+
+def test_real_gate_passes_bundled_xrays_and_refuses_non_xrays(predictor):
+    for path in EXAMPLES:
+        result = predictor.predict(path)  # raises NotAnXrayError if refused
+        assert result.gate_distance is not None and result.gate_distance <= predictor.gate.threshold
+    from training.non_xrays import non_xray_images
+
+    refused = 0
+    chosen = [item for index, item in enumerate(non_xray_images()) if index % 6 == 0]
+    for _, name, image in chosen:
+        try:
+            predictor.predict(image)
+        except NotAnXrayError:
+            refused += 1
+    assert refused / len(chosen) >= 0.9, f"only {refused} of {len(chosen)} non-X-rays refused"
+
+
+def test_cli_reports_a_refused_image_as_a_per_file_error(tmp_path):
+    import skimage.data
+
+    Image.fromarray(skimage.data.camera()).save(tmp_path / "camera.png")
+    completed = subprocess.run([sys.executable, "-m", "pneunet", "predict", str(EXAMPLES[0]), str(tmp_path / "camera.png")],
+                               capture_output=True, text=True)
+    assert completed.returncode == 1
+    assert "does not look like a chest X-ray" in completed.stderr and "camera.png" in completed.stderr
+    assert EXAMPLES[0].name in completed.stdout
+
+
+def test_cli_writes_cam_overlays_at_the_images_own_size(tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.open(EXAMPLES[0]).convert("L").resize((300, 200)).save(wide)
+    completed = subprocess.run([sys.executable, "-m", "pneunet", "predict", str(wide), "--cam", str(tmp_path / "cam")],
+                               capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    overlay = Image.open(tmp_path / "cam" / "wide_cam.png")
+    assert overlay.size == (300, 200) and overlay.mode == "RGB"
+    # colour only where the map is warm: some pixels are coloured, the rest stays grey
+    rgb = np.asarray(overlay, dtype=np.int16)
+    chroma = rgb.max(axis=2) - rgb.min(axis=2)
+    assert 0.01 < np.mean(chroma > 20) < 0.95

@@ -1,0 +1,60 @@
+"""Regenerate README.md's results block from the reports (no number is typed by hand).
+
+    python -m training.readme
+
+Reads pneunet/weights/metrics.json (the shipped model) and docs/comparison/comparison.json (the model
+comparison) and rewrites the text between the results markers in README.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+from training.data import REPO_ROOT
+
+README = REPO_ROOT / "README.md"
+START, END = "<!-- results:start (python -m training.readme) -->", "<!-- results:end -->"
+
+
+def results_block() -> str:
+    shipped = json.loads((REPO_ROOT / "pneunet" / "weights" / "metrics.json").read_text())
+    t, v = shipped["test"], shipped["val"]
+    lines = [
+        "Shipped model on the 624-image Kermany test set (threshold and temperature from validation only; "
+        "full report: [pneunet/weights/REPORT.md](pneunet/weights/REPORT.md)):",
+        "",
+        "| split | AUC (95 % CI) | accuracy | sensitivity | specificity | ECE |",
+        "|---|---|---|---|---|---|",
+        f"| validation ({v['n']}) | {v['auc']:.4f} ({v['auc_ci95'][0]:.4f}–{v['auc_ci95'][1]:.4f}) | {v['accuracy']:.4f} | "
+        f"{v['sensitivity']:.4f} | {v['specificity']:.4f} | {v['ece']:.4f} |",
+        f"| **test ({t['n']})** | **{t['auc']:.4f}** ({t['auc_ci95'][0]:.4f}–{t['auc_ci95'][1]:.4f}) | {t['accuracy']:.4f} | "
+        f"{t['sensitivity']:.4f} | {t['specificity']:.4f} | {t['ece']:.4f} |",
+        "",
+        f"Median latency on 2 CPU threads: {shipped['inference_ms_2_threads']['predict']:.1f} ms per image, "
+        f"{shipped['inference_ms_2_threads']['predict_with_heatmap']:.1f} ms with the heatmap.",
+    ]
+    comparison_file = REPO_ROOT / "docs" / "comparison" / "comparison.json"
+    if comparison_file.exists():
+        lines += ["", "Architectures under one protocol ([docs/comparison/comparison.md](docs/comparison/comparison.md); "
+                  "CPU-only budget, so the from-scratch ResNets ran fewer epochs than their recipe):", "",
+                  "| architecture | params | input | epochs run / recipe | val AUC | test AUC | test sens | test spec |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in json.loads(comparison_file.read_text()):
+            lines.append(f"| {row['architecture']} | {row['parameters'] / 1e6:.1f} M | {row['input_size']} | "
+                         f"{row['epochs_run']} / {row['epochs_planned']} | {row['val']['auc']:.4f} | {row['test']['auc']:.4f} | "
+                         f"{row['test']['sensitivity']:.4f} | {row['test']['specificity']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = README.read_text()
+    before, _, rest = text.partition(START)
+    _, _, after = rest.partition(END)
+    if not rest:
+        raise SystemExit(f"README.md has no results markers ({START} ... {END})")
+    README.write_text(f"{before}{START}\n{results_block()}\n{END}{after}")
+    print("README.md results block updated")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Choose the shipped model on validation, evaluate it, and write its report beside the weights.
+
+    python -m training.ship --candidates runs/efficientnet_lite0-soup/model.safetensors \\
+        runs/efficientnet_lite0-seed{0,1,2}/model.safetensors \\
+        --seed-runs runs/efficientnet_lite0-seed{0,1,2}/model.safetensors
+
+Selection uses validation only: among candidates whose validation AUC is within 0.001 of the best, the
+highest mean AUC under the shift proxy (validation images under acquisition changes never used in
+training) wins; ties go to the lower validation log loss. The winner is copied to
+pneunet/weights/pneunet.safetensors (+ .json), then evaluated once on test. Each --seed-runs checkpoint
+is evaluated on test too, to report the spread of the recipe over seeds. Writes pneunet/weights/REPORT.md,
+pneunet/weights/metrics.json, pneunet/weights/report/{val,test}/ and pneunet/weights/examples.json (the
+bundled examples' predictions, pinned by a test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneunet.checkpoint import read_sidecar, sha256_of
+from pneunet.predictor import DEFAULT_CHECKPOINT, Predictor
+from pneunet.preprocessing import preprocess
+from training import evaluate
+from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT
+
+WEIGHTS_DIR = DEFAULT_CHECKPOINT.parent
+EXAMPLES_DIR = REPO_ROOT / "pneunet" / "examples"
+
+
+def _evaluate(checkpoint: Path, split: str, out: Path, args: argparse.Namespace, shift_proxy: bool = False) -> dict:
+    argv = ["--checkpoint", str(checkpoint), "--split", split, "--out", str(out),
+            "--data-dir", args.data_dir, "--split-file", args.split_file] + (["--shift-proxy"] if shift_proxy else [])
+    return evaluate.main(evaluate.get_args_parser().parse_args(argv))
+
+
+def choose(candidates: list[dict]) -> dict:
+    best_auc = max(c["val"]["metrics"]["auc"] for c in candidates)
+    eligible = [c for c in candidates if c["val"]["metrics"]["auc"] >= best_auc - 0.001]
+    return max(eligible, key=lambda c: (round(c["val"]["shift_proxy_mean_auc"], 4), -c["val"]["metrics"]["log_loss"]))
+
+
+def inference_milliseconds(checkpoint: Path, threads: int = 2, repeats: int = 30) -> dict:
+    """Median wall time per single-image call on ``threads`` CPU threads (after warm-up)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        predictor = Predictor.load(checkpoint)
+        inputs = preprocess(sorted(EXAMPLES_DIR.glob("*.jpeg"))[0], predictor.config)[None]
+        timings = {}
+        for label, heatmap in (("predict", False), ("predict_with_heatmap", True)):
+            for _ in range(3):
+                predictor.predict_inputs(inputs, heatmap=heatmap)
+            samples = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                predictor.predict_inputs(inputs, heatmap=heatmap)
+                samples.append((time.perf_counter() - started) * 1000)
+            timings[label] = statistics.median(samples)
+        return timings
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fmt_ci(m: dict) -> str:
+    return f"{m['auc']:.4f} ({m['auc_ci95'][0]:.4f}–{m['auc_ci95'][1]:.4f})"
+
+
+def write_report(chosen: dict, candidates: list[dict], seeds: list[dict], test: dict, val: dict, timing: dict,
+                 example_rows: list[dict], test_evaluations: int) -> None:
+    config = read_sidecar(DEFAULT_CHECKPOINT)["config"]
+    provenance = config["provenance"]
+    t, v = test["metrics"], val["metrics"]
+    ingredients = provenance.get("soup_of") or [{
+        "checkpoint": chosen["checkpoint"], "command": provenance["command"], "git_commit": provenance["git_commit"],
+        "seed": provenance.get("seed"), "hardware": provenance["hardware"],
+        "seconds_per_epoch_median": provenance["seconds_per_epoch_median"],
+        "train_seconds_total": provenance["train_seconds_total"], "val_auc": provenance["val"]["auc"]}]
+    lines = [
+        "# PneuNet shipped model",
+        "",
+        "**Not a medical device; not for diagnosis.** A research and screening aid trained on paediatric "
+        "(1–5 years) anterior-posterior chest X-rays from one hospital (Guangzhou Women and Children's Medical "
+        "Center). Expect lower accuracy on adults, lateral views, other hospitals' machines and other diseases; "
+        "it answers only normal vs pneumonia.",
+        "",
+        f"- Weights: `pneunet/weights/pneunet.safetensors` (sha256 `{sha256_of(DEFAULT_CHECKPOINT)}`), config in "
+        "`pneunet.json` beside it.",
+        f"- Architecture: `{config['architecture']}`, {config['image_size']}×{config['image_size']} grey input, "
+        f"histogram-equalised; pretrained: {provenance['pretrained']}; fine-tuned: {provenance['trainable']}.",
+        f"- Calibration (validation only): temperature {config['temperature']:.4f}; operating threshold "
+        f"{config['threshold']:.4f} = {provenance['threshold_rule']}.",
+        f"- Data: Kermany chest X-ray (CC BY 4.0), `{provenance['data_dir']}`; split file `{provenance['split_file']}` "
+        f"(sha256 `{provenance['split_file_sha256'][:16]}…`): {provenance['train_images']} train / "
+        f"{provenance['val_images']} validation images (patient-grouped), 624 test.",
+        f"- Produced by: `{provenance['command']}` at commit `{provenance['git_commit']}`, from:",
+        "",
+        "| ingredient | seed | command | commit | hardware | s/epoch (median) | train min | val AUC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ing in ingredients:
+        lines.append(f"| `{ing['checkpoint']}` | {ing['seed']} | `{ing['command']}` | `{ing['git_commit'][:12]}` | "
+                     f"{ing['hardware']} | {ing['seconds_per_epoch_median']:.0f} | {ing['train_seconds_total'] / 60:.1f} | "
+                     f"{ing['val_auc']:.4f} |")
+    lines += [
+        "",
+        "Training times are wall-clock on a shared 2-core CPU with other jobs running; no GPU was used.",
+        "",
+        "## Model choice (validation only)",
+        "",
+        "Rule: among candidates within 0.001 of the best validation AUC, the highest mean AUC under the shift "
+        "proxy (validation images re-encoded at JPEG quality 10, 4× lower resolution, unsharp-masked, gamma 0.4, "
+        "a 20 % black border, rotated 20° — changes never used in training); ties go to lower validation log loss.",
+        "",
+        "| candidate | val AUC | val log loss | val ECE | shift-proxy mean AUC | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in candidates:
+        m = c["val"]["metrics"]
+        lines.append(f"| `{c['checkpoint']}` | {m['auc']:.4f} | {m['log_loss']:.4f} | {m['ece']:.4f} | "
+                     f"{c['val']['shift_proxy_mean_auc']:.4f} | {'**yes**' if c is chosen else ''} |")
+    half = t["at_0.5"]
+    lines += [
+        "",
+        "## Results",
+        "",
+        "| split | n | AUC (95 % CI) | accuracy | sensitivity | specificity | precision | F1 | ECE | Brier |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| validation | {v['n']} | {_fmt_ci(v)} | {v['accuracy']:.4f} | {v['sensitivity']:.4f} | {v['specificity']:.4f} | "
+        f"{v['precision']:.4f} | {v['f1']:.4f} | {v['ece']:.4f} | {v['brier']:.4f} |",
+        f"| **test** | {t['n']} | **{_fmt_ci(t)}** | {t['accuracy']:.4f} | {t['sensitivity']:.4f} | {t['specificity']:.4f} | "
+        f"{t['precision']:.4f} | {t['f1']:.4f} | {t['ece']:.4f} | {t['brier']:.4f} |",
+        f"| test at 0.5 | {t['n']} | | {half['accuracy']:.4f} | {half['sensitivity']:.4f} | {half['specificity']:.4f} | "
+        f"{half['precision']:.4f} | {half['f1']:.4f} | | |",
+        "",
+        f"Test confusion matrix at the stored threshold: TN {t['confusion_matrix']['tn']}, FP {t['confusion_matrix']['fp']}, "
+        f"FN {t['confusion_matrix']['fn']}, TP {t['confusion_matrix']['tp']}. Figures: "
+        "[ROC](report/test/roc.png), [PR](report/test/pr.png), [confusion matrix](report/test/confusion_matrix.png), "
+        "[reliability](report/test/reliability.png); validation in `report/val/`.",
+        "",
+        "| target (test) | wanted | reached |",
+        "|---|---|---|",
+        f"| AUC | ≥ 0.985 | {t['auc']:.4f} |",
+        f"| accuracy | ≥ 0.93 | {t['accuracy']:.4f} |",
+        f"| sensitivity / specificity | ≥ 0.95 / ≥ 0.85 | {t['sensitivity']:.4f} / {t['specificity']:.4f} |",
+        f"| ECE | ≤ 0.03 | {t['ece']:.4f} |",
+    ]
+    if seeds:
+        lines += ["", "## Spread of the recipe over seeds (each seed alone, its own validation-fitted threshold)", "",
+                  "| seed run | val AUC | test AUC | test accuracy | test sensitivity | test specificity | test ECE |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in seeds:
+            m = s["test"]["metrics"]
+            lines.append(f"| `{s['checkpoint']}` | {s['val_auc']:.4f} | {m['auc']:.4f} | {m['accuracy']:.4f} | "
+                         f"{m['sensitivity']:.4f} | {m['specificity']:.4f} | {m['ece']:.4f} |")
+        for key in ("auc", "accuracy", "sensitivity", "specificity"):
+            values = [s["test"]["metrics"][key] for s in seeds]
+            lines.append(f"- test {key}: mean {np.mean(values):.4f}, sd {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}, "
+                         f"range {min(values):.4f}–{max(values):.4f}")
+    lines += [
+        "",
+        f"Test-set evaluations on record (`docs/test_evaluations.csv`, every `training.evaluate --split test`): "
+        f"{test_evaluations}. None of them fed back into any choice.",
+        "",
+        "## Speed",
+        "",
+        f"Median single-image latency on 2 CPU threads (`python -m training.ship`, {timing['repeats']} runs after warm-up, "
+        f"preprocessed input): predict {timing['predict']:.1f} ms, predict + heatmap {timing['predict_with_heatmap']:.1f} ms.",
+        "",
+        "## Bundled examples (test images; `examples.json`, checked by `tests/test_shipped_model.py`)",
+        "",
+        "| file | truth | prediction | pneumonia probability |",
+        "|---|---|---|---|",
+    ]
+    for row in example_rows:
+        lines.append(f"| {row['file']} | {row['truth']} | {row['label']} | {row['pneumonia_probability']:.4f} |")
+    (WEIGHTS_DIR / "REPORT.md").write_text("\n".join(lines) + "\n")
+
+
+def main(args: argparse.Namespace) -> None:
+    candidates = []
+    for path in map(Path, args.candidates):
+        candidates.append({"checkpoint": str(path), "val": _evaluate(path, "val", path.parent / "eval-val", args, shift_proxy=True)})
+    chosen = choose(candidates)
+    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+    source = Path(chosen["checkpoint"])
+    shutil.copyfile(source, DEFAULT_CHECKPOINT)
+    sidecar = read_sidecar(source)
+    sidecar["weights_file"] = DEFAULT_CHECKPOINT.name
+    sidecar["selected_from"] = str(source)
+    DEFAULT_CHECKPOINT.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    report_dir = WEIGHTS_DIR / "report"
+    val = _evaluate(DEFAULT_CHECKPOINT, "val", report_dir / "val", args, shift_proxy=True)
+    test = _evaluate(DEFAULT_CHECKPOINT, "test", report_dir / "test", args)
+    seeds = []
+    for path in map(Path, args.seed_runs):
+        seeds.append({"checkpoint": str(path), "val_auc": read_sidecar(path)["config"]["provenance"]["val"]["auc"],
+                      "test": _evaluate(path, "test", path.parent / "eval-test", args)})
+    predictor = Predictor.load(DEFAULT_CHECKPOINT)
+    example_rows = []
+    for path in sorted(EXAMPLES_DIR.glob("*.jpeg")):
+        result = predictor.predict(path)
+        example_rows.append({"file": path.name, "truth": path.name.split("_")[0], "label": result.label,
+                             "pneumonia_probability": result.pneumonia_probability})
+    (WEIGHTS_DIR / "examples.json").write_text(json.dumps(example_rows, indent=2) + "\n")
+    timing = {**inference_milliseconds(DEFAULT_CHECKPOINT), "repeats": 30}
+    test_evaluations = max(0, len(evaluate.TEST_LOG.read_text().splitlines()) - 1) if evaluate.TEST_LOG.exists() else 0
+    (WEIGHTS_DIR / "metrics.json").write_text(json.dumps(
+        {"test": test["metrics"], "val": val["metrics"], "shift_proxy_val": val["shift_proxy"],
+         "inference_ms_2_threads": timing, "chosen_from": [c["checkpoint"] for c in candidates],
+         "seed_spread_test": {s["checkpoint"]: s["test"]["metrics"] for s in seeds}}, indent=2) + "\n")
+    write_report(chosen, candidates, seeds, test, val, timing, example_rows, test_evaluations)
+    print((WEIGHTS_DIR / "REPORT.md").read_text())
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidates", nargs="+", required=True, help="checkpoints to choose from (on validation)")
+    parser.add_argument("--seed-runs", nargs="*", default=[], help="single-seed checkpoints of the recipe, for the spread")
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="(default: %(default)s)")
+    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="(default: %(default)s)")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -63,29 +63,13 @@ def _weights_file(name: str) -> Path | None:
     return None
 
 
-def _find_operating_point(metrics: object, path: str = "") -> tuple[str, dict] | None:
-    """The first dict holding sensitivity and specificity in metrics.json, preferring the test split."""
-    if isinstance(metrics, dict):
-        if "sensitivity" in metrics and "specificity" in metrics:
-            return path, metrics
-        keys = sorted(metrics, key=lambda key: "test" not in str(key))
-        for key in keys:
-            found = _find_operating_point(metrics[key], f"{path}/{key}")
-            if found:
-                return found
-    return None
-
-
 def operating_point() -> tuple[str, float, float] | None:
-    """(where it was measured, sensitivity, specificity) at the model's threshold."""
+    """(where it was measured, sensitivity, specificity) at the model's threshold: the shipped test
+    evaluation (metrics.json, written by ``python -m training.ship``), else the validation figures."""
     metrics_file = _weights_file("metrics.json")
     if metrics_file is not None:
-        found = _find_operating_point(json.loads(metrics_file.read_text()))
-        if found:
-            where, values = found
-            split = "test set" if "test" in where else where.strip("/")
-            count = f" ({values['n']} images)" if "n" in values else ""
-            return f"the shipped evaluation on the held-out {split}{count}", values["sensitivity"], values["specificity"]
+        test = json.loads(metrics_file.read_text())["test"]
+        return f"the shipped evaluation on the held-out test set ({test['n']} images)", test["sensitivity"], test["specificity"]
     val = PREDICTOR.config.provenance.get("val")
     if isinstance(val, dict) and "sensitivity" in val:
         return f"validation ({val.get('n', '?')} images)", val["sensitivity"], val["specificity"]

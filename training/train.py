@@ -167,6 +167,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> Path:
+    commit_at_start = git_commit()  # the code that trains; recorded before anything can change it
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if args.threads:
@@ -267,7 +268,7 @@ def main(args: argparse.Namespace) -> Path:
     config.temperature, config.threshold = temperature, threshold
     config.provenance = {
         "command": "python -m training.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "git_commit": git_commit(),
+        "git_commit": commit_at_start,
         "data_dir": str(data_dir),
         "split_file": str(split_file.relative_to(REPO_ROOT) if split_file.is_relative_to(REPO_ROOT) else split_file),
         "split_file_sha256": sha256_of(split_file),

@@ -36,7 +36,7 @@ def results_block() -> str:
     comparison_file = REPO_ROOT / "docs" / "comparison" / "comparison.json"
     if comparison_file.exists():
         lines += ["", "Architectures under one protocol ([docs/comparison/comparison.md](docs/comparison/comparison.md); "
-                  "CPU-only budget, so the from-scratch ResNets ran fewer epochs than their recipe):", "",
+                  "models missing from the table were not trained within this CPU-only budget):", "",
                   "| architecture | params | input | epochs run / recipe | val AUC | test AUC | test sens | test spec |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in json.loads(comparison_file.read_text()):

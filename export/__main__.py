@@ -1,0 +1,181 @@
+"""``python -m export --checkpoint CKPT --out DIR``: ONNX + TFLite, fp32 + int8, sidecar, parity gate.
+
+    python -m export --checkpoint pneunet/weights/pneunet.safetensors --out edge/models
+
+Writes model_fp32.onnx, model_int8.onnx, model_fp32.tflite, model_int8.tflite, pneunet_edge.json
+(everything the edge runner needs), the input gate if the checkpoint has one, parity.json, and the
+parity report (docs/export_parity.md for a full run). Exits 1 if any export fails its parity gate.
+TFLite conversion runs in the converter environment (export/requirements-tflite.txt); ``--skip-tflite``
+exports ONNX only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from edge.runtime import SIDECAR_FORMAT, SIDECAR_NAME, sha256_of
+from export import parity
+from export.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_inputs
+from export.graph import FEATURES_NAME, INPUT_NAME, LOGIT_NAME, classifier_for_sidecar, edge_graph
+from export.onnx_export import OPSET, export_onnx_fp32, quantize_onnx_int8
+from pneunet.checkpoint import load_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TFLITE_PYTHON = REPO_ROOT / ".venv-tflite" / "bin" / "python"
+TFLITE_SETUP = "python3.11 -m venv .venv-tflite && .venv-tflite/bin/pip install -r export/requirements-tflite.txt"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _onnx_entry(path: Path, config, precision: str, quantization: dict | None) -> dict:
+    size = config.image_size
+    return {
+        "format": "onnx", "precision": precision, "opset": OPSET,
+        "input": {"name": INPUT_NAME, "shape": ["batch", config.channels, size, size], "layout": "NCHW", "dtype": "float32"},
+        "outputs": {"pneumonia_logit": {"name": LOGIT_NAME, "shape": ["batch"]},
+                    "features": {"name": FEATURES_NAME, "layout": "NCHW"}},
+        "quantization": quantization,
+    }
+
+
+def _tflite_entry(path: Path, precision: str, quantization: dict | None) -> dict:
+    """Read input/output details from the converted file itself (names get mangled by the converter)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    model_input = interpreter.get_input_details()[0]
+    outputs = interpreter.get_output_details()
+    logit = [d for d in outputs if len(d["shape"]) == 1]
+    features = [d for d in outputs if len(d["shape"]) == 4]
+    if len(logit) != 1 or len(features) != 1:
+        raise RuntimeError(f"{path}: expected one rank-1 logit and one rank-4 feature output, got "
+                           f"{[(d['name'], d['shape'].tolist()) for d in outputs]}")
+    scale, zero_point = model_input["quantization"]
+    return {
+        "format": "tflite", "precision": precision,
+        "input": {"name": model_input["name"], "shape": model_input["shape"].tolist(), "layout": "NHWC",
+                  "dtype": model_input["dtype"].__name__, "scale": scale, "zero_point": zero_point},
+        "outputs": {
+            "pneumonia_logit": {"name": logit[0]["name"], "shape": logit[0]["shape"].tolist(),
+                                "dtype": logit[0]["dtype"].__name__, "scale": logit[0]["quantization"][0],
+                                "zero_point": logit[0]["quantization"][1]},
+            "features": {"name": features[0]["name"], "shape": features[0]["shape"].tolist(), "layout": "NHWC",
+                         "dtype": features[0]["dtype"].__name__, "scale": features[0]["quantization"][0],
+                         "zero_point": features[0]["quantization"][1]},
+        },
+        "quantization": quantization,
+    }
+
+
+def export_all(checkpoint: Path, out: Path, calibration_images: int, tflite_python: Path | None) -> dict:
+    """Every export + sidecar; returns the sidecar."""
+    out.mkdir(parents=True, exist_ok=True)
+    model, config = load_checkpoint(checkpoint)
+    graph = edge_graph(model, config)
+    print("ONNX fp32 ...", file=sys.stderr)
+    export_onnx_fp32(graph, config.image_size, config.channels, out / "model_fp32.onnx")
+    print(f"ONNX int8 (calibrating on {calibration_images} training images) ...", file=sys.stderr)
+    calibration, calibration_paths = calibration_inputs(config, calibration_images)
+    onnx_quantization = quantize_onnx_int8(out / "model_fp32.onnx", out / "model_int8.onnx", calibration)
+    onnx_quantization.update(calibration_images=len(calibration_paths), calibration_split="train", calibration_seed=0)
+    models = {
+        "model_fp32.onnx": _onnx_entry(out / "model_fp32.onnx", config, "fp32", None),
+        "model_int8.onnx": _onnx_entry(out / "model_int8.onnx", config, "int8", onnx_quantization),
+    }
+    converter = None
+    if tflite_python is not None:
+        print(f"TFLite fp32 + int8 with {tflite_python} (litert-torch; a few minutes) ...", file=sys.stderr)
+        subprocess.run([str(tflite_python), "-m", "export.tflite_export", "--checkpoint", str(checkpoint),
+                        "--out", str(out), "--calibration-images", str(calibration_images)], check=True, cwd=REPO_ROOT)
+        facts_file = out / "tflite_facts.json"
+        facts = json.loads(facts_file.read_text())
+        facts_file.unlink()  # a hand-over from the converter process, folded into the sidecar below
+        converter = facts["converter"]
+        models["model_fp32.tflite"] = _tflite_entry(out / "model_fp32.tflite", "fp32", None)
+        models["model_int8.tflite"] = _tflite_entry(out / "model_int8.tflite", "int8", facts["quantization"])
+    for name, entry in models.items():
+        entry["sha256"] = sha256_of(out / name)
+        entry["bytes"] = (out / name).stat().st_size
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "config": json.loads(config.to_json()),  # ModelConfig.from_dict(sidecar["config"]) rebuilds it
+        "preprocessing": "pneunet.preprocessing: to_unit (grey, squash to image_size, equalize if set, [0, 1]) "
+                         "then normalize ((unit - mean) / std), input float32",
+        "labels": list(config.labels),
+        "decision": "pneumonia if sigmoid(logit / temperature) >= threshold",
+        "outputs": {"pneumonia_logit": "raw logit, before temperature",
+                    "features": "last feature map; heatmap = pneunet.heatmap.heatmap_from_features(features, "
+                                "classifier.weight): ReLU(weight . features), bilinear upsample, scaled to [0, 1]"},
+        "classifier": classifier_for_sidecar(model),
+        "source_checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint)},
+        "calibration_images": calibration_paths,
+        "models": models,
+        "created_with": {"python": platform.python_version(), "torch": _version("torch"), "onnx": _version("onnx"),
+                         "onnxruntime": _version("onnxruntime"), "tflite_converter": converter},
+    }
+    gate_file = checkpoint.with_suffix(".gate.safetensors")  # pneunet.gate.gate_path_for
+    if gate_file.is_file():
+        shutil.copyfile(gate_file, out / "pneunet.gate.safetensors")
+        sidecar["gate"] = {"file": "pneunet.gate.safetensors", "sha256": sha256_of(out / "pneunet.gate.safetensors"),
+                           "note": "fitted on PyTorch fp32 pooled features; the runner applies it to the export's"}
+    (out / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="model .safetensors (with its .json sidecar)")
+    parser.add_argument("--out", required=True, help="output folder, e.g. edge/models")
+    parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
+                        help="training images for int8 calibration (default: %(default)s)")
+    parser.add_argument("--tflite-python", default=str(DEFAULT_TFLITE_PYTHON),
+                        help=f"python of the converter environment (default: %(default)s; set up with: {TFLITE_SETUP})")
+    parser.add_argument("--skip-tflite", action="store_true", help="export ONNX only")
+    parser.add_argument("--parity-limit", type=int, default=None,
+                        help="parity on N class-balanced images of each split only (quick check; default: all)")
+    parser.add_argument("--report", default=None,
+                        help="parity report (default: docs/export_parity.md for a full run, else DIR/parity.md)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    checkpoint, out = Path(args.checkpoint), Path(args.out)
+    tflite_python = None
+    if not args.skip_tflite:
+        tflite_python = Path(args.tflite_python)
+        if not tflite_python.is_file():
+            print(f"error: no converter environment at {tflite_python}; set it up with: {TFLITE_SETUP} "
+                  "(or pass --skip-tflite for ONNX only)", file=sys.stderr)
+            return 2
+    export_all(checkpoint, out, args.calibration_images, tflite_python)
+    print("parity against PyTorch fp32 ...", file=sys.stderr)
+    report = parity.run_parity(checkpoint, out, args.parity_limit)
+    report_path = Path(args.report) if args.report else (
+        REPO_ROOT / "docs" / "export_parity.md" if args.parity_limit is None else out / "parity.md")
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    command = f"python -m export --checkpoint {args.checkpoint} --out {args.out}"
+    if args.parity_limit is not None:
+        command += f" --parity-limit {args.parity_limit}"
+    report_path.write_text(parity.markdown(report, command))
+    failed = {name: row["gate_failures"] for name, row in report["models"].items() if row["gate_failures"]}
+    for name, failures in failed.items():
+        print(f"PARITY GATE FAILED for {name}: {'; '.join(failures)}", file=sys.stderr)
+    print(f"wrote {out}/ and {report_path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,80 @@
+"""PyTorch -> TFLite fp32 and int8 with litert-torch. Runs in the converter environment (.venv-tflite,
+see export/requirements-tflite.txt), called by ``python -m export``; by hand:
+
+    .venv-tflite/bin/python -m export.tflite_export --checkpoint CKPT --out DIR [--calibration-images 300]
+
+Writes model_fp32.tflite, model_int8.tflite and tflite_facts.json (what the sidecar needs to know).
+Input (1, H, W, channels) float32 (NHWC: TFLite's layout); outputs the pneumonia logit (1,) and the
+feature map (1, h, w, C). int8: PT2E static quantisation (per-channel int8 weights, int8 activations
+from histogram observers on real preprocessed training images); float input and output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_inputs
+from export.graph import edge_graph
+from pneunet.checkpoint import load_checkpoint
+
+
+def convert(checkpoint: Path, out_dir: Path, calibration_images: int, seed: int = 0) -> dict:
+    import litert_torch
+    from litert_torch.quantize import pt2e_quantizer
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    model, config = load_checkpoint(checkpoint)
+    graph = edge_graph(model, config, features_layout="NHWC")
+    # NHWC input; with one channel it is the same bytes as NCHW, so the runner only reshapes.
+    graph = litert_torch.to_channel_last_io(graph, args=[0]).eval()
+    example = (torch.zeros(1, config.image_size, config.image_size, config.channels),)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    litert_torch.convert(graph, example).export(str(out_dir / "model_fp32.tflite"))
+
+    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    prepared = quantize_pt2e.prepare_pt2e(torch.export.export(graph, example).module(), quantizer)
+    inputs, paths = calibration_inputs(config, calibration_images, seed=seed)
+    with torch.no_grad():
+        for model_input in inputs:  # the exported graph has batch 1
+            prepared(torch.from_numpy(model_input).permute(1, 2, 0)[None])
+    quantized = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+    litert_torch.convert(quantized, example, quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(
+        str(out_dir / "model_int8.tflite"))
+
+    facts = {
+        "converter": f"litert-torch {litert_torch.__version__}",
+        "quantization": {
+            "tool": "litert-torch PT2E (torchao prepare_pt2e / convert_pt2e)",
+            "activations": "int8, affine, per-tensor (histogram observer)",
+            "weights": "int8, symmetric, per-channel",
+            "calibration_images": len(paths),
+            "calibration_split": "train",
+            "calibration_seed": seed,
+            "io": "float32 in, float32 out (quantise/dequantise inside the graph)",
+        },
+    }
+    (out_dir / "tflite_facts.json").write_text(json.dumps(facts, indent=2) + "\n")
+    return facts
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="model .safetensors")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
+                        help="training images for int8 calibration (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sample seed (default: %(default)s)")
+    return parser
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    convert(Path(args.checkpoint), Path(args.out), args.calibration_images, args.seed)

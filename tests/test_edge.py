@@ -1,0 +1,107 @@
+"""The edge runner: never imports torch; runs the committed export (ONNX int8) on files,
+folders and bad inputs like the CLI; its results match the shipped PyTorch model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge.run import EdgePredictor, main
+from edge.runtime import DEFAULT_MODEL, SIDECAR_NAME, EdgeModel, EdgeModelError, sha256_of
+from tests.helpers import EXAMPLES, REPO_ROOT
+
+MODELS = DEFAULT_MODEL.parent
+SHIPPED = REPO_ROOT / "pneunet" / "weights" / "pneunet.safetensors"
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.jpeg"))
+
+
+def require_committed_export() -> None:
+    if not DEFAULT_MODEL.is_file():
+        pytest.fail(f"{DEFAULT_MODEL} missing: regenerate with python -m export --checkpoint {SHIPPED.relative_to(REPO_ROOT)} --out edge/models")
+
+
+def test_runner_never_imports_torch():
+    code = "import sys, edge.run, edge.runtime, pneunet.heatmap, pneunet.overlay; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+def test_committed_export_belongs_to_shipped_model():
+    require_committed_export()
+    sidecar = json.loads((MODELS / SIDECAR_NAME).read_text())
+    if SHIPPED.is_file():
+        assert sidecar["source_checkpoint"]["sha256"] == sha256_of(SHIPPED), "edge/models is stale: re-export"
+    # The ONNX exports are committed (TFLite ones are not: none passes the parity gate yet).
+    for name in ("model_fp32.onnx", "model_int8.onnx"):
+        assert sidecar["models"][name]["sha256"] == sha256_of(MODELS / name)
+    assert (MODELS / "model_int8.onnx").stat().st_size <= 5 * 2**20  # a few MB: fits an SD card and a git repo
+    parity = json.loads((MODELS / "parity.json").read_text())
+    assert parity["models"][DEFAULT_MODEL.name]["gate_failures"] == []  # the default passed the parity gate
+
+
+def test_cli_on_files_folder_and_bad_inputs(tmp_path, capsys):
+    require_committed_export()
+    broken = tmp_path / "broken.jpeg"
+    broken.write_bytes(b"not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    out_csv = tmp_path / "out.csv"
+    code = main([str(EXAMPLE_FILES[0]), str(EXAMPLES), str(broken), str(empty), str(tmp_path / "missing.png"),
+                 "--csv", str(out_csv), "--cam", str(tmp_path / "cams")])
+    assert code == 1  # some files failed, the rest still ran
+    rows = list(csv.DictReader(out_csv.open()))
+    good = [row for row in rows if not row["error"]]
+    assert len(good) == 1 + len(EXAMPLE_FILES)
+    assert {row["label"] for row in good} <= {"normal", "pneumonia"}
+    errors = {row["path"].rsplit("/", 1)[-1]: row["error"] for row in rows if row["error"]}
+    assert "not a recognised image" in errors["broken.jpeg"]
+    assert "empty" in errors["empty.png"]
+    assert "no such file" in errors["missing.png"]
+    assert len(list((tmp_path / "cams").glob("*_cam.png"))) == len(EXAMPLE_FILES)
+    stderr = capsys.readouterr().err
+    assert "broken.jpeg: not a recognised image" in stderr
+
+
+def test_cli_prints_one_line_per_image(capsys):
+    require_committed_export()
+    assert main([str(path) for path in EXAMPLE_FILES[:2]]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(path) for path in EXAMPLE_FILES[:2]]
+    assert all(0.0 <= float(line.split("\t")[2]) <= 1.0 for line in lines)
+
+
+def test_missing_or_changed_model_says_what_to_do(tmp_path):
+    with pytest.raises(EdgeModelError, match="python -m export"):
+        EdgeModel.load(tmp_path / "model_int8.onnx")
+    require_committed_export()
+    copy = tmp_path / "model_int8.onnx"
+    copy.write_bytes(DEFAULT_MODEL.read_bytes()[:-10])
+    (tmp_path / SIDECAR_NAME).write_text((MODELS / SIDECAR_NAME).read_text())
+    with pytest.raises(EdgeModelError, match="sha256"):
+        EdgeModel.load(copy)
+
+
+def test_committed_default_export_matches_shipped_pytorch_model():
+    """Labels and heatmaps of the runner's default export against the app's PyTorch path on the examples."""
+    require_committed_export()
+    if not SHIPPED.is_file():
+        pytest.skip(f"{SHIPPED} not present")
+    import torch
+
+    from pneunet.cam import class_activation_map
+    from pneunet.checkpoint import load_checkpoint
+
+    model, config = load_checkpoint(SHIPPED)
+    edge = EdgePredictor.load(gate=False)
+    inputs = np.stack([edge.prepare(path)[1] for path in EXAMPLE_FILES])
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(inputs)).numpy()
+        maps = class_activation_map(model, torch.from_numpy(inputs)).numpy()
+    torch_probabilities = 1 / (1 + np.exp(-logits / config.temperature))
+    for result, probability, torch_map in zip(edge.predict_inputs(inputs, heatmap=True), torch_probabilities, maps):
+        assert (result.pneumonia_probability >= config.threshold) == (probability >= config.threshold)
+        assert np.corrcoef(result.heatmap.ravel(), torch_map.ravel())[0, 1] >= 0.95

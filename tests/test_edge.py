@@ -104,4 +104,6 @@ def test_committed_default_export_matches_shipped_pytorch_model():
     torch_probabilities = 1 / (1 + np.exp(-logits / config.temperature))
     for result, probability, torch_map in zip(edge.predict_inputs(inputs, heatmap=True), torch_probabilities, maps):
         assert (result.pneumonia_probability >= config.threshold) == (probability >= config.threshold)
-        assert np.corrcoef(result.heatmap.ravel(), torch_map.ravel())[0, 1] >= 0.95
+        if torch_map.max() > 0:  # a flat map (no evidence for pneumonia anywhere) has no correlation
+            assert np.corrcoef(result.heatmap.ravel(), torch_map.ravel())[0, 1] >= 0.95
+    assert (maps.reshape(len(maps), -1).max(axis=1) > 0).sum() >= 3

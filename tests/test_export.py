@@ -135,6 +135,11 @@ def test_runner_heatmap_matches_app_heatmap(exported, name, min_r):
     paths = real_images(4)
     inputs = np.stack([predictor.prepare(path)[1] for path in paths])
     _, _, torch_maps = _torch_outputs(checkpoint, inputs)
+    compared = 0
     for result, torch_map in zip(predictor.predict_inputs(inputs, heatmap=True), torch_maps):
         assert result.heatmap.shape == torch_map.shape == (224, 224)
+        if torch_map.max() == 0:  # no evidence for pneumonia anywhere: a flat map, nothing to correlate
+            continue
         assert np.corrcoef(result.heatmap.ravel(), torch_map.ravel())[0, 1] >= min_r
+        compared += 1
+    assert compared >= 2

@@ -11,7 +11,6 @@ the rest still run, and the exit code is 1 if any file failed (as ``python -m pn
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,10 @@ import numpy as np
 from PIL import Image
 
 from edge.runtime import DEFAULT_MODEL, EdgeModel, EdgeModelError
-from pneunet.cli import expand_paths  # torch-free at import: torch is imported inside its commands
+from pneunet.cli import expand_paths, predict_files  # torch-free: torch is imported inside its commands
 from pneunet.heatmap import heatmap_from_features
-from pneunet.preprocessing import ImageSource, InvalidImageError, decode, load_grey, normalize, to_unit
+from pneunet.preprocessing import ImageSource, decode, load_grey, normalize, to_unit
 
-BATCH_SIZE = 8
-CSV_FIELDS = ["path", "label", "pneumonia_probability", "threshold", "error"]
 
 
 @dataclass
@@ -118,8 +115,6 @@ def _load_gate(model: EdgeModel):
 
 
 def run(options: EdgeOptions) -> int:
-    from pneunet.overlay import overlay_heatmap
-
     try:
         predictor = EdgePredictor.load(options.model, options.sidecar, options.threads, options.gate)
     except EdgeModelError as error:
@@ -129,47 +124,7 @@ def run(options: EdgeOptions) -> int:
     if not files:
         print("error: no images found in the given paths", file=sys.stderr)
         return 2
-    if options.cam:
-        options.cam.mkdir(parents=True, exist_ok=True)
-    rows, failures = [], 0
-
-    def fail(path: Path, reason: str) -> None:
-        nonlocal failures
-        failures += 1
-        print(f"{path}: {reason}", file=sys.stderr)
-        rows.append({"path": str(path), "label": "", "pneumonia_probability": "", "threshold": "", "error": reason})
-
-    for start in range(0, len(files), BATCH_SIZE):
-        batch_files, greys, inputs = [], [], []
-        for path in files[start:start + BATCH_SIZE]:
-            try:
-                grey, model_input = predictor.prepare(path)
-            except InvalidImageError as error:  # unreadable, or refused as not a chest X-ray
-                fail(path, str(error))
-                continue
-            batch_files.append(path)
-            greys.append(grey)
-            inputs.append(model_input)
-        if not inputs:
-            continue
-        for path, grey, result in zip(batch_files, greys, predictor.predict_inputs(np.stack(inputs), options.cam is not None)):
-            if result.refusal:  # feature-level input gate
-                fail(path, result.refusal)
-                continue
-            rows.append({"path": str(path), "label": result.label,
-                         "pneumonia_probability": f"{result.pneumonia_probability:.4f}",
-                         "threshold": f"{result.threshold:.4f}", "error": ""})
-            if not options.csv:
-                print(f"{path}\t{result.label}\t{result.pneumonia_probability:.4f}", flush=True)
-            if options.cam is not None:
-                overlay_heatmap(grey, result.heatmap).save(options.cam / f"{path.stem}_cam.png")
-    if options.csv:
-        with open(options.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {len(rows)} rows to {options.csv} ({failures} failed)", file=sys.stderr)
-    return 1 if failures else 0
+    return predict_files(files, predictor.prepare, predictor.predict_inputs, options.csv, options.cam)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -177,7 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="image files (JPEG, PNG, DICOM, ...) or folders")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help=".onnx or .tflite export (default: the committed int8 ONNX, %(default)s)")
+                        help=".onnx or .tflite export (default: the committed fp32 ONNX, %(default)s)")
     parser.add_argument("--sidecar", type=Path, default=None, help="sidecar JSON (default: pneunet_edge.json beside the model)")
     parser.add_argument("--csv", type=Path, default=None, help="write results to this CSV instead of stdout")
     parser.add_argument("--cam", type=Path, default=None, help="write heatmap overlays (PNG) into this folder")

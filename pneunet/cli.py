@@ -11,6 +11,7 @@ import argparse
 import csv
 import sys
 from pathlib import Path
+from typing import Callable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 BATCH_SIZE = 16
@@ -29,62 +30,81 @@ def expand_paths(paths: list[str]) -> tuple[list[Path], bool]:
     return files, any_folder
 
 
-def run_predict(args: argparse.Namespace) -> int:
+CSV_FIELDS = ["path", "label", "pneumonia_probability", "threshold", "error"]
+
+
+def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable, csv_path: str | Path | None = None,
+                  cam_dir: Path | None = None, progress: bool = False) -> int:
+    """The batch loop shared by ``python -m pneunet predict`` and ``python -m edge.run`` (torch-free).
+
+    ``prepare(path) -> (grey image, model input)`` raises ``InvalidImageError`` for a bad or refused file;
+    ``predict_inputs(batch, heatmap) -> results`` (label, pneumonia_probability, threshold, heatmap,
+    refusal). One line per image on stdout (or rows in ``csv_path``), one reason per failed file on
+    stderr; returns the exit code: 1 if any file failed."""
     import numpy as np
-    from tqdm import tqdm
 
     from pneunet.overlay import overlay_heatmap
-    from pneunet.predictor import Predictor
     from pneunet.preprocessing import InvalidImageError
 
-    predictor = Predictor.load(args.checkpoint, gate=not args.no_gate)
-    files, any_folder = expand_paths(args.paths)
-    if not files:
-        print("error: no images found in the given paths", file=sys.stderr)
-        return 2
-    cam_dir = Path(args.cam) if args.cam else None
-    if cam_dir:
+    bar = None
+    if progress:  # tqdm only where a progress bar is wanted: the edge runner does without it
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), unit="image", file=sys.stderr)
+    say = bar.write if bar is not None else print
+    if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
-    rows, failures = [], 0
+    rows: list[dict] = []
 
     def fail(path: Path, reason: str) -> None:
-        nonlocal failures
-        failures += 1
-        tqdm.write(f"{path}: {reason}", file=sys.stderr)
+        say(f"{path}: {reason}", file=sys.stderr)
         rows.append({"path": str(path), "label": "", "pneumonia_probability": "", "threshold": "", "error": reason})
 
-    progress = tqdm(total=len(files), unit="image", disable=not any_folder or args.quiet, file=sys.stderr)
     for start in range(0, len(files), BATCH_SIZE):
-        batch_files, batch_prepared = [], []
-        for path in files[start:start + BATCH_SIZE]:
+        batch = files[start:start + BATCH_SIZE]
+        prepared = []
+        for path in batch:
             try:
-                batch_prepared.append(predictor.prepare(path))  # decode + image-level input gate
-                batch_files.append(path)
+                prepared.append((path, *prepare(path)))  # decode + image-level input gate
             except InvalidImageError as error:  # unreadable, or refused as not a chest X-ray
                 fail(path, str(error))
-        if batch_prepared:
-            inputs = np.stack([prepared.model_input for prepared in batch_prepared])
-            results = predictor.predict_inputs(inputs, heatmap=cam_dir is not None)
-            for path, prepared, result in zip(batch_files, batch_prepared, results):
+        if prepared:
+            results = predict_inputs(np.stack([model_input for _, _, model_input in prepared]), cam_dir is not None)
+            for (path, grey, _), result in zip(prepared, results):
                 if result.refusal:  # feature-level input gate
                     fail(path, result.refusal)
                     continue
                 rows.append({"path": str(path), "label": result.label,
                              "pneumonia_probability": f"{result.pneumonia_probability:.4f}",
                              "threshold": f"{result.threshold:.4f}", "error": ""})
-                if not args.csv:
-                    tqdm.write(f"{path}\t{result.label}\t{result.pneumonia_probability:.4f}")
+                if not csv_path:
+                    say(f"{path}\t{result.label}\t{result.pneumonia_probability:.4f}")
                 if cam_dir is not None:
-                    overlay_heatmap(prepared.grey, result.heatmap).save(cam_dir / f"{path.stem}_cam.png")
-        progress.update(len(files[start:start + BATCH_SIZE]))
-    progress.close()
-    if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["path", "label", "pneumonia_probability", "threshold", "error"])
+                    overlay_heatmap(grey, result.heatmap).save(cam_dir / f"{path.stem}_cam.png")
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    failures = sum(1 for row in rows if row["error"])
+    if csv_path:
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        print(f"wrote {len(rows)} rows to {args.csv} ({failures} failed)", file=sys.stderr)
+        print(f"wrote {len(rows)} rows to {csv_path} ({failures} failed)", file=sys.stderr)
     return 1 if failures else 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from pneunet.predictor import Predictor
+
+    predictor = Predictor.load(args.checkpoint, gate=not args.no_gate)
+    files, any_folder = expand_paths(args.paths)
+    if not files:
+        print("error: no images found in the given paths", file=sys.stderr)
+        return 2
+    return predict_files(files, predictor.prepare, predictor.predict_inputs, args.csv,
+                         Path(args.cam) if args.cam else None, progress=any_folder and not args.quiet)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

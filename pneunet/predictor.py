@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -50,8 +50,7 @@ class Prediction:
     refusal: str | None = None  # why the input gate refuses this image, or None
 
 
-@dataclass
-class PreparedImage:
+class PreparedImage(NamedTuple):
     """A decoded upload that passed the image-level gate: grey at its own size, and the model input."""
 
     grey: Image.Image

@@ -54,29 +54,29 @@ def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable
     say = bar.write if bar is not None else print
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    rows: dict[int, dict] = {}  # by position in ``files``, so the CSV keeps the input order
 
-    def fail(path: Path, reason: str) -> None:
+    def fail(index: int, path: Path, reason: str) -> None:
         say(f"{path}: {reason}", file=sys.stderr)
-        rows.append({"path": str(path), "label": "", "pneumonia_probability": "", "threshold": "", "error": reason})
+        rows[index] = {"path": str(path), "label": "", "pneumonia_probability": "", "threshold": "", "error": reason}
 
     for start in range(0, len(files), BATCH_SIZE):
         batch = files[start:start + BATCH_SIZE]
         prepared = []
-        for path in batch:
+        for index, path in enumerate(batch, start):
             try:
-                prepared.append((path, *prepare(path)))  # decode + image-level input gate
+                prepared.append((index, path, *prepare(path)))  # decode + image-level input gate
             except InvalidImageError as error:  # unreadable, or refused as not a chest X-ray
-                fail(path, str(error))
+                fail(index, path, str(error))
         if prepared:
-            results = predict_inputs(np.stack([model_input for _, _, model_input in prepared]), cam_dir is not None)
-            for (path, grey, _), result in zip(prepared, results):
+            results = predict_inputs(np.stack([model_input for *_, model_input in prepared]), cam_dir is not None)
+            for (index, path, grey, _), result in zip(prepared, results):
                 if result.refusal:  # feature-level input gate
-                    fail(path, result.refusal)
+                    fail(index, path, result.refusal)
                     continue
-                rows.append({"path": str(path), "label": result.label,
-                             "pneumonia_probability": f"{result.pneumonia_probability:.4f}",
-                             "threshold": f"{result.threshold:.4f}", "error": ""})
+                rows[index] = {"path": str(path), "label": result.label,
+                               "pneumonia_probability": f"{result.pneumonia_probability:.4f}",
+                               "threshold": f"{result.threshold:.4f}", "error": ""}
                 if not csv_path:
                     say(f"{path}\t{result.label}\t{result.pneumonia_probability:.4f}")
                 if cam_dir is not None:
@@ -85,12 +85,12 @@ def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable
             bar.update(len(batch))
     if bar is not None:
         bar.close()
-    failures = sum(1 for row in rows if row["error"])
+    failures = sum(1 for row in rows.values() if row["error"])
     if csv_path:
         with open(csv_path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(rows[index] for index in sorted(rows))
         print(f"wrote {len(rows)} rows to {csv_path} ({failures} failed)", file=sys.stderr)
     return 1 if failures else 0
 

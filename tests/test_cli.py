@@ -1,0 +1,30 @@
+"""``python -m pneunet predict``: files and folders, CSV in input order, one reason per bad file, exit 1."""
+
+import csv
+import shutil
+
+from pneunet.cli import main
+from tests.helpers import EXAMPLES
+
+
+def test_folder_with_a_bad_file_gives_rows_in_order_and_exit_code_1(tmp_path, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for path in sorted(EXAMPLES.glob("*.jpeg"))[:2]:
+        shutil.copy(path, folder / path.name)
+    data = next(EXAMPLES.glob("*.jpeg")).read_bytes()
+    (folder / "a_truncated.jpeg").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "results.csv"
+    assert main(["predict", str(folder), "--csv", str(out), "--quiet"]) == 1
+    rows = list(csv.DictReader(open(out)))
+    assert [r["path"].split("/")[-1] for r in rows] == sorted(p.name for p in folder.iterdir())
+    assert rows[0]["error"].startswith("image data is damaged or truncated") and rows[0]["label"] == ""
+    assert all(r["label"] in ("normal", "pneumonia") and 0 <= float(r["pneumonia_probability"]) <= 1 for r in rows[1:])
+    assert "a_truncated.jpeg: image data is damaged" in capsys.readouterr().err
+
+
+def test_all_good_files_exit_0_and_print_one_line_each(capsys):
+    files = [str(p) for p in sorted(EXAMPLES.glob("pneumonia_*.jpeg"))]
+    assert main(["predict", *files, "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[1] for line in lines] == ["pneumonia"] * len(files)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -122,10 +123,13 @@ def _decode_bytes(data: bytes) -> Image.Image:
     if _is_dicom(data):
         return _decode_dicom(data)
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # Pillow only warns between ~89 and ~179 megapixels; all of that is above our own limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as error:
         raise InvalidImageError("not a recognised image file (expected JPEG, PNG, TIFF, BMP or DICOM)") from error
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InvalidImageError(f"image is larger than the {MAX_PIXELS // 1_000_000} megapixel limit") from error
     except Exception as error:
         raise InvalidImageError(f"image could not be opened ({error})") from error

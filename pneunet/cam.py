@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The numpy form (what the edge runner computes) lives in the torch-free pneunet.heatmap; re-exported here.
-from pneunet.heatmap import cam_from_features  # noqa: F401
 from pneunet.models import PneuNetModel
 
 

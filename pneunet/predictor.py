@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -136,7 +136,3 @@ class Predictor:
         if gate and result.refusal:
             raise NotAnXrayError(result.refusal)
         return result
-
-    def predict_many(self, sources: Iterable[ImageSource], heatmap: bool = False) -> list[Prediction]:
-        """Several valid images in one batch (no gate refusal raised: check ``refusal``)."""
-        return self.predict_inputs(np.stack([self.prepare(s).model_input for s in sources]), heatmap)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pneunet.cam import GradCAM, class_activation_map, classifier_weights, cam_from_features
+from pneunet.cam import GradCAM, class_activation_map, classifier_weights
+from pneunet.heatmap import cam_from_features
 from pneunet.config import ModelConfig
 from pneunet.models import PneuNetModel, build_model, default_config, pooled_linear_head
 

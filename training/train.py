@@ -132,14 +132,17 @@ def calibrate_on_validation(model: nn.Module, val_loader: DataLoader, device: to
 
 
 def git_commit() -> str:
+    # A copy of the tree sent elsewhere (e.g. to a GPU machine) may carry a stale .git: the sender names
+    # the commit explicitly, and that wins.
+    if os.environ.get("PNEUNET_GIT_COMMIT"):
+        return os.environ["PNEUNET_GIT_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without .git (e.g. sent to a GPU machine) names its commit in the environment.
-        return os.environ.get("PNEUNET_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def hardware(device: torch.device) -> str:

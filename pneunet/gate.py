@@ -1,13 +1,18 @@
 """Input gate: refuse images that are not chest X-rays before giving a verdict (numpy + Pillow only).
 
-Two checks, both cheap and both usable by the torch-free edge runner:
+Three checks, all cheap and all usable by the torch-free edge runner:
 
-1. ``check_image``: on the decoded image, before the grey conversion. Colour photos, screenshots with
-   colour and blank frames are refused here.
-2. ``check_features``: on the model's pooled features (mean over H, W of ``model.features(x)``), a
-   probabilistic-PCA Mahalanobis distance to the training X-rays (Tipping & Bishop 1999): the first
-   ``k`` principal directions are scaled by their own variance, the rest by the average left-over
-   variance. Documents, natural scenes, noise and the like land far away.
+1. ``check_image``, on the decoded image before the model runs: colour photos and colour screenshots
+   (colourfulness), blank frames (grey spread), and the *appearance* check: a probabilistic-PCA
+   Mahalanobis distance of ``image_descriptor`` (layout of the equalised image on an 8 x 8 grid,
+   grey-level histogram, edge / fine-detail statistics, left-right symmetry; numpy + Pillow only) to the
+   training X-rays. Grey photos, faces, documents, drawings, noise and gradients are refused here.
+2. ``check_features``: on the model's pooled features (mean over H, W of ``model.features(x)``), the same
+   kind of distance (Tipping & Bishop 1999: the first ``k`` principal directions scaled by their own
+   variance, the rest by the average left-over variance) to the training X-rays' features.
+
+Both distances are fitted on TRAIN X-rays and their thresholds set on VALIDATION X-rays (margin x a high
+quantile); no non-X-ray image and no test image sets a threshold.
 
     gate = InputGate.load("pneunet/weights/pneunet.gate.safetensors")
     gate.check_image(decoded_image)            # raises NotAnXrayError
@@ -19,12 +24,13 @@ validation X-rays) and measured by ``python -m training.gate_report`` (writes do
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pneunet.preprocessing import InvalidImageError
 
@@ -33,6 +39,40 @@ REFUSAL_ADVICE = "Please upload a frontal chest X-ray (JPEG, PNG or DICOM)."
 
 class NotAnXrayError(InvalidImageError):
     """The image decoded fine but does not look like a chest X-ray; the message says why."""
+
+
+class GateFileError(RuntimeError):
+    """A gate file is missing, unreadable, or does not match the sha256 recorded beside it."""
+
+
+def gate_sidecar_path(gate_file: str | Path) -> Path:
+    """The JSON recording a gate file's sha256: ``pneunet.gate.safetensors`` -> ``pneunet.gate.json``."""
+    return Path(gate_file).with_suffix(".json")
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_gate_file(path: str | Path) -> None:
+    """Refuse a gate file whose sha256 differs from the one in its sidecar JSON (truncated or changed)."""
+    path = Path(path)
+    sidecar = gate_sidecar_path(path)
+    if not sidecar.is_file():
+        raise GateFileError(f"{path}: no recorded sha256 ({sidecar.name} missing); refit the gate with "
+                            "python -m training.fit_gate --checkpoint CKPT")
+    try:
+        expected = json.loads(sidecar.read_text()).get("sha256")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise GateFileError(f"{sidecar}: not a valid gate sidecar ({error})") from error
+    actual = _sha256_of(path)
+    if actual != expected:
+        raise GateFileError(f"{path}: sha256 {actual[:12]}... does not match {str(expected)[:12]}... recorded in "
+                            f"{sidecar.name}; the file is damaged or was changed")
 
 
 def gate_path_for(checkpoint: str | Path) -> Path:
@@ -60,10 +100,96 @@ def colourfulness(image: Image.Image | np.ndarray) -> float:
 
 
 def grey_spread(image: Image.Image) -> float:
-    """Standard deviation of the grey levels (0..255) of a 128 px thumbnail: ~0 for a blank frame."""
-    thumbnail = image.convert("L")
+    """Standard deviation of the grey levels (0..255) of a 128 px thumbnail: ~0 for a blank frame.
+    16-bit, 32-bit and float images are first stretched to 8 bits as the model sees them (a plain
+    ``convert("L")`` clips a float image in [0, 1] to one grey level)."""
+    from pneunet.preprocessing import _pil_to_grey
+
+    thumbnail = _pil_to_grey(image) if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F") else image.convert("L")
     thumbnail.thumbnail((128, 128))
     return float(np.asarray(thumbnail, dtype=np.float32).std())
+
+
+DESCRIPTOR_SIDE = 64  # the image descriptor works on a 64 x 64 squashed copy (as the model input is squashed)
+LAYOUT_CELLS = 8  # 8 x 8 block means of the equalised image: where bright and dark regions lie
+HISTOGRAM_BINS = 16
+
+
+def image_descriptor(image: Image.Image) -> np.ndarray:
+    """A (D,) description of an image's appearance that needs no model (numpy + Pillow only).
+
+    On a grey copy squashed to 64 x 64 like the model input: the layout (8 x 8 block means of the
+    histogram-equalised image, the two lungs, mediastinum and shoulders of a chest film), the shape of
+    the grey-level histogram before equalisation, edge and fine-detail statistics (documents, UI and
+    noise are full of sharp edges; radiographs are soft) and left-right symmetry."""
+    from pneunet.preprocessing import _pil_to_grey
+
+    grey = _pil_to_grey(image)
+    small = grey.resize((DESCRIPTOR_SIDE, DESCRIPTOR_SIDE), Image.Resampling.BOX)
+    raw = np.asarray(small, dtype=np.float64) / 255.0
+    equalised = np.asarray(ImageOps.equalize(small), dtype=np.float64) / 255.0
+    cell = DESCRIPTOR_SIDE // LAYOUT_CELLS
+    layout = equalised.reshape(LAYOUT_CELLS, cell, LAYOUT_CELLS, cell).mean(axis=(1, 3)).ravel()
+    histogram = np.histogram(raw, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0] / raw.size
+    histogram = np.sqrt(histogram)  # Hellinger embedding: empty and full bins on a comparable scale
+    spread = raw.std() + 1e-3
+    dx, dy = np.diff(raw, axis=1) / spread, np.diff(raw, axis=0) / spread
+    gradient = np.concatenate([np.abs(dx).ravel(), np.abs(dy).ravel()])
+    laplacian = np.abs(raw[1:-1, 1:-1] * 4 - raw[:-2, 1:-1] - raw[2:, 1:-1] - raw[1:-1, :-2] - raw[1:-1, 2:]) / spread
+    # fine detail at full resolution: noise and text are sharp at every scale, a squashed X-ray is not
+    fine = np.asarray(grey.resize((256, 256), Image.Resampling.BILINEAR), dtype=np.float64) / 255.0
+    fine_spread = fine.std() + 1e-3
+    fine_gradient = np.abs(np.diff(fine, axis=1)).mean() / fine_spread
+    mirrored = equalised[:, ::-1]
+    symmetry = np.corrcoef(equalised.ravel(), mirrored.ravel())[0, 1] if equalised.std() > 0 else 0.0
+    statistics = np.array([
+        np.log(gradient.mean() + 1e-3), np.log(np.quantile(gradient, 0.9) + 1e-3), np.mean(gradient > 1.0),
+        np.log(laplacian.mean() + 1e-3), np.log(fine_gradient + 1e-3), np.log(spread),
+        raw.mean(), np.nan_to_num(symmetry),
+    ])
+    return np.concatenate([layout, histogram, statistics])
+
+
+@dataclass
+class PpcaDistance:
+    """Probabilistic-PCA Mahalanobis distance to a fitted sample (Tipping & Bishop 1999): the first ``k``
+    principal directions scaled by their own variance, the rest by the average left-over variance."""
+
+    mean: np.ndarray  # (C,)
+    components: np.ndarray  # (k, C)
+    variances: np.ndarray  # (k,)
+    residual_variance: float
+    scale: np.ndarray | None = None  # (C,) per-dimension scale applied first (standardisation), or None
+    threshold: float = float("inf")
+
+    def distance(self, vectors: np.ndarray) -> np.ndarray:
+        """Per-row distance, divided by sqrt(C) so typical training rows score ~1."""
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+        if self.scale is not None:
+            vectors = vectors / self.scale
+        centred = vectors - self.mean
+        projected = centred @ self.components.T
+        residual = np.sum(centred**2, axis=1) - np.sum(projected**2, axis=1)
+        squared = np.sum(projected**2 / self.variances, axis=1) + np.maximum(residual, 0) / self.residual_variance
+        return np.sqrt(squared / vectors.shape[1])
+
+    @classmethod
+    def fit(cls, vectors: np.ndarray, dims: int, standardise: bool = False) -> "PpcaDistance":
+        vectors = np.asarray(vectors, dtype=np.float64)
+        scale = vectors.std(axis=0) + 1e-6 * (vectors.std() + 1e-12) if standardise else None
+        if scale is not None:
+            vectors = vectors / scale
+        mean = vectors.mean(axis=0)
+        _, singular, vt = np.linalg.svd(vectors - mean, full_matrices=False)
+        eigenvalues = singular**2 / (len(vectors) - 1)
+        dims = min(dims, len(eigenvalues) - 1)
+        left_over = eigenvalues[dims:].sum() / max(vectors.shape[1] - dims, 1)
+        floor = 1e-6 * eigenvalues[0]  # keeps the distance finite for directions with (almost) no spread
+        return cls(mean, vt[:dims], np.maximum(eigenvalues[:dims], floor), float(max(left_over, floor)), scale)
+
+    def calibrate(self, held_out: np.ndarray, quantile: float, margin: float) -> float:
+        self.threshold = float(margin * np.quantile(self.distance(held_out), quantile))
+        return self.threshold
 
 
 @dataclass
@@ -77,6 +203,7 @@ class InputGate:
     threshold: float  # distance above which an image is refused
     max_colourfulness: float = 12.0
     min_grey_spread: float = 4.0
+    appearance: PpcaDistance | None = None  # distance of ``image_descriptor`` to the training X-rays
 
     def distance(self, pooled: np.ndarray) -> np.ndarray:
         """Per-image PPCA Mahalanobis distance, divided by sqrt(C) so typical X-rays score ~1."""
@@ -95,6 +222,11 @@ class InputGate:
         spread = grey_spread(image)
         if spread < self.min_grey_spread:
             return f"the image is blank (almost one grey level), not a chest X-ray. {REFUSAL_ADVICE}"
+        if self.appearance is not None:
+            distance = float(self.appearance.distance(image_descriptor(image))[0])
+            if distance > self.appearance.threshold:
+                return (f"this does not look like a chest X-ray (its layout, contrast and texture are at distance "
+                        f"{distance:.2f} from the training X-rays, limit {self.appearance.threshold:.2f}). {REFUSAL_ADVICE}")
         return None
 
     def feature_refusal(self, distance: float) -> str | None:
@@ -123,21 +255,43 @@ class InputGate:
 
         scalars = {"residual_variance": self.residual_variance, "threshold": self.threshold,
                    "max_colourfulness": self.max_colourfulness, "min_grey_spread": self.min_grey_spread}
-        header = {"gate": json.dumps(scalars), "provenance": json.dumps(metadata or {})}
         arrays = {"mean": self.mean, "components": self.components, "variances": self.variances}
+        if self.appearance is not None:
+            scalars["appearance"] = {"residual_variance": self.appearance.residual_variance,
+                                     "threshold": self.appearance.threshold}
+            arrays.update({"appearance_mean": self.appearance.mean, "appearance_components": self.appearance.components,
+                           "appearance_variances": self.appearance.variances})
+            if self.appearance.scale is not None:
+                arrays["appearance_scale"] = self.appearance.scale
+        header = {"gate": json.dumps(scalars), "provenance": json.dumps(metadata or {})}
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(path), metadata=header)
+        record = {"format": "pneunet-gate/1", "file": Path(path).name, "sha256": _sha256_of(Path(path))}
+        gate_sidecar_path(path).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "InputGate":
+    def load(cls, path: str | Path, verify: bool = False) -> "InputGate":
+        """Read a gate file (safetensors: no pickle). ``verify``: first check its sha256 against the
+        sidecar JSON written by ``save`` (``GateFileError`` naming the file when it differs)."""
         from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no input gate; fit one with python -m training.fit_gate --checkpoint CKPT")
-        with safe_open(str(path), framework="numpy") as handle:
-            scalars = json.loads(handle.metadata()["gate"])
-            arrays = {key: handle.get_tensor(key).astype(np.float64) for key in ("mean", "components", "variances")}
-        return cls(**arrays, **scalars)
+        if verify:
+            verify_gate_file(path)
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                scalars = json.loads(handle.metadata()["gate"])
+                arrays = {key: handle.get_tensor(key).astype(np.float64) for key in handle.keys()}
+            appearance = scalars.pop("appearance", None)
+            if appearance is not None:  # the image-level appearance check (gates fitted since issue 3)
+                appearance = PpcaDistance(arrays.pop("appearance_mean"), arrays.pop("appearance_components"),
+                                          arrays.pop("appearance_variances"), appearance["residual_variance"],
+                                          arrays.pop("appearance_scale", None), appearance["threshold"])
+            gate = cls(**arrays, **scalars, appearance=appearance)
+        except Exception as error:  # SafetensorError, KeyError, JSONDecodeError, ... for a damaged file
+            raise GateFileError(f"{path}: not a readable gate file ({error})") from error
+        return gate
 
     @classmethod
     def fit(cls, pooled: np.ndarray, dims: int = 64) -> "InputGate":

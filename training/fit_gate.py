@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pneunet.gate import InputGate, colourfulness, gate_path_for, grey_spread
+from pneunet.gate import InputGate, PpcaDistance, colourfulness, gate_path_for, grey_spread, image_descriptor
 from pneunet.preprocessing import decode
 from pneunet.predictor import Predictor, default_checkpoint
 from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split, subsample
@@ -36,6 +36,11 @@ def image_statistics(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([colourfulness(image) for image in decoded]), np.array([grey_spread(image) for image in decoded])
 
 
+def descriptors(paths: list[Path], description: str = "appearance") -> np.ndarray:
+    """(N, D) ``image_descriptor`` of each decoded image (the appearance check's input)."""
+    return np.stack([image_descriptor(decode(path)) for path in tqdm(paths, desc=description, unit="image")])
+
+
 def main(args: argparse.Namespace) -> Path:
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     predictor = Predictor.load(checkpoint, gate=False)
@@ -48,6 +53,10 @@ def main(args: argparse.Namespace) -> Path:
     val_features = pooled_features(predictor, val_paths, description="val")
     gate = InputGate.fit(train_features, dims=args.dims)
     gate.calibrate(val_features, quantile=args.quantile, margin=args.margin)
+    train_descriptors = descriptors([data_dir / e.path for e in train], "train appearance")
+    val_descriptors = descriptors(val_paths, "val appearance")
+    gate.appearance = PpcaDistance.fit(train_descriptors, dims=args.appearance_dims)
+    gate.appearance.calibrate(val_descriptors, quantile=args.quantile, margin=args.margin)
     colour, spread = image_statistics(val_paths)
     # The image-level limits must never refuse a validation X-ray; keep a wide margin above/below them.
     gate.max_colourfulness = float(max(gate.max_colourfulness, 2.0 * colour.max()))
@@ -59,12 +68,15 @@ def main(args: argparse.Namespace) -> Path:
         "checkpoint": checkpoint.name, "train_images": len(train), "val_images": len(val), "dims": int(gate.components.shape[0]),
         "threshold_rule": f"{args.margin} x the {args.quantile} quantile of validation X-ray distances",
         "val_distance_median": float(np.median(val_distance)), "val_colourfulness_max": float(colour.max()),
-        "val_grey_spread_min": float(spread.min()),
+        "val_grey_spread_min": float(spread.min()), "appearance_dims": int(gate.appearance.components.shape[0]),
+        "appearance_threshold_rule": f"{args.margin} x the {args.quantile} quantile of validation X-ray appearance distances",
+        "val_appearance_distance_median": float(np.median(gate.appearance.distance(val_descriptors))),
     })
     print(f"wrote {out}: {len(train)} train / {len(val)} val X-rays, {gate.components.shape[0]} dims, "
           f"threshold {gate.threshold:.3f} (val median {np.median(val_distance):.3f}), "
           f"colourfulness limit {gate.max_colourfulness:.1f} (val max {colour.max():.1f}), "
-          f"grey spread floor {gate.min_grey_spread:.1f} (val min {spread.min():.1f}); "
+          f"grey spread floor {gate.min_grey_spread:.1f} (val min {spread.min():.1f}), "
+          f"appearance threshold {gate.appearance.threshold:.3f} ({gate.appearance.components.shape[0]} dims); "
           f"{time.perf_counter() - started:.0f}s")
     return out
 
@@ -77,6 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="split CSV (default: %(default)s)")
     parser.add_argument("--train-limit", type=int, default=None, help="fit on at most this many train images (default: all)")
     parser.add_argument("--dims", type=int, default=64, help="principal directions kept (default: %(default)s)")
+    parser.add_argument("--appearance-dims", type=int, default=16, help="principal directions of the appearance check (default: %(default)s)")
     parser.add_argument("--quantile", type=float, default=0.995, help="validation quantile for the threshold (default: %(default)s)")
     parser.add_argument("--margin", type=float, default=1.1, help="threshold = margin x that quantile (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="subsampling seed (default: %(default)s)")

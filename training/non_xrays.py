@@ -122,3 +122,51 @@ def non_xray_images(seed: int = 0) -> Iterator[tuple[str, str, Image.Image]]:
             yield "noise", f"noise_{kind}_{index}", _noise(rng, kind, size=(256, 256))
     for kind in ("black", "white", "grey", "nearly_black", "horizontal_gradient", "vertical_gradient"):
         yield "blank", f"blank_{kind}", _blank(kind, size=(256, 256))
+
+
+def _grating(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A sinusoidal grating or checkerboard at a random angle and period."""
+    yy, xx = np.mgrid[0:size[1], 0:size[0]].astype(np.float64)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(6, 60)
+    wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
+    if rng.random() < 0.5:
+        wave = np.sign(wave * np.sin((-xx * np.sin(angle) + yy * np.cos(angle)) * 2 * np.pi / period))
+    return Image.fromarray((127.5 + 127.5 * wave).astype(np.uint8))
+
+
+def _strokes(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """Line drawing / sketch: random polylines on a light or dark ground, grey."""
+    dark = rng.random() < 0.5
+    image = Image.new("L", size, 20 if dark else 235)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(5, 40))):
+        points = [tuple(int(v) for v in rng.integers(0, size)) for _ in range(int(rng.integers(2, 6)))]
+        draw.line(points, fill=int(rng.integers(0, 256)), width=int(rng.integers(1, 6)))
+    return image
+
+
+def non_xray_fitting_images(seed: int = 1) -> Iterator[tuple[str, str, Image.Image]]:
+    """A development set of non-X-rays kept apart from ``non_xray_images`` (the evaluation set): other
+    generator seed, other LFW faces (odd indices), other sizes, and kinds the evaluation set does not have
+    (gratings, checkerboards, line drawings); no scikit-image sample photo. Used only to compare gate
+    designs during development, never to set a threshold."""
+    rng = np.random.default_rng(seed)
+    import skimage.data
+
+    faces = skimage.data.lfw_subset()
+    for index in range(5, 200, 20):
+        face = Image.fromarray((faces[index] * 255).astype(np.uint8)).resize((160, 220), Image.Resampling.BICUBIC)
+        yield "face", f"fit_lfw_{index}", face
+    for index in range(12):
+        yield "text", f"fit_text_{index}", _text_document(rng, dark=index % 4 == 1, size=(int(rng.integers(250, 900)), int(rng.integers(250, 700))))
+    for index in range(12):
+        yield "scene", f"fit_scene_{index}", _scene(rng, colour=index % 3 == 0, size=(int(rng.integers(150, 800)), int(rng.integers(150, 800))))
+    for index in range(6):
+        yield "screenshot", f"fit_screenshot_{index}", _screenshot(rng, size=(int(rng.integers(320, 800)), int(rng.integers(240, 600))))
+    for kind in ("uniform", "gaussian", "salt_pepper", "smooth"):
+        for index in range(3):
+            yield "noise", f"fit_noise_{kind}_{index}", _noise(rng, kind, size=(320, 320))
+    for index in range(8):
+        yield "pattern", f"fit_grating_{index}", _grating(rng, size=(int(rng.integers(200, 500)), int(rng.integers(200, 500))))
+    for index in range(8):
+        yield "drawing", f"fit_strokes_{index}", _strokes(rng, size=(int(rng.integers(200, 600)), int(rng.integers(200, 600))))

@@ -43,7 +43,8 @@ def start_app(port: int) -> subprocess.Popen:
     raise RuntimeError("app.py did not start within 180 s")
 
 
-def one_request(client, with_cam: bool) -> tuple[float, bool]:
+def one_request(client, with_cam: bool) -> tuple[float, str | None]:
+    """(seconds, error): error is None on success, else the exception's type and message."""
     from gradio_client import handle_file
 
     started = time.perf_counter()
@@ -52,9 +53,9 @@ def one_request(client, with_cam: bool) -> tuple[float, bool]:
             client.predict(handle_file(str(XRAY)), "pneumonia", api_name="/predict")
         else:
             client.predict([handle_file(str(XRAY))], api_name="/predict_batch")
-        return time.perf_counter() - started, True
-    except Exception:  # counted as an error in the report
-        return time.perf_counter() - started, False
+        return time.perf_counter() - started, None
+    except Exception as error:  # counted (and named) in the report
+        return time.perf_counter() - started, f"{type(error).__name__}: {str(error)[:200]}"
 
 
 def run_level(url: str, clients: int, requests_per_client: int, with_cam: bool) -> dict:
@@ -62,15 +63,17 @@ def run_level(url: str, clients: int, requests_per_client: int, with_cam: bool) 
 
     pool = [Client(url, verbose=False) for _ in range(clients)]
 
-    def work(client) -> list[tuple[float, bool]]:
+    def work(client) -> list[tuple[float, str | None]]:
         return [one_request(client, with_cam) for _ in range(requests_per_client)]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as executor:
         results = [item for chunk in executor.map(work, pool) for item in chunk]
     wall = time.perf_counter() - started
-    latencies = np.array([seconds for seconds, ok in results if ok]) * 1000
-    return {"clients": clients, "cam": with_cam, "requests": len(results), "errors": sum(not ok for _, ok in results),
+    latencies = np.array([seconds for seconds, error in results if error is None]) * 1000
+    messages = sorted({error for _, error in results if error is not None})
+    return {"clients": clients, "cam": with_cam, "requests": len(results),
+            "errors": sum(error is not None for _, error in results), "messages": messages,
             "p50": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
             "p95": float(np.percentile(latencies, 95)) if len(latencies) else float("nan"),
             "throughput": len(results) / wall}
@@ -106,6 +109,7 @@ def main(args: argparse.Namespace) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    load_before = os.getloadavg()[0]
     process = start_app(port)
     url = f"http://127.0.0.1:{port}/"
     rows = []
@@ -120,6 +124,7 @@ def main(args: argparse.Namespace) -> None:
         process.terminate()
         process.wait(timeout=30)
     model = model_time_ms()
+    load_after = os.getloadavg()[0]
     lines = [
         "# App benchmark",
         "",
@@ -128,13 +133,19 @@ def main(args: argparse.Namespace) -> None:
         f"`{os.environ.get('PNEUNET_CHECKPOINT', 'pneunet/weights/pneunet.safetensors')}`. Live `python app.py` on "
         "127.0.0.1 driven by gradio_client; every client sends its requests one after another. With CAM = `/predict` "
         "(verdict + pneumonia heatmap overlay); without CAM = `/predict_batch` with one file. Latency is what the "
-        "client sees (upload, queue, model, download).",
+        "client sees (upload, queue, model, download). Load average (1 min) "
+        f"{load_before:.1f} before and {load_after:.1f} after the run: anything above 0 means other jobs shared "
+        "the cores and every figure here is inflated by them.",
         "",
         "| clients | CAM | requests | errors | p50 latency (ms) | p95 latency (ms) | throughput (requests/s) |",
         "|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['clients']} | {'yes' if r['cam'] else 'no'} | {r['requests']} | {r['errors']} | {r['p50']:.0f} | "
               f"{r['p95']:.0f} | {r['throughput']:.1f} |" for r in rows]
+    failures = [f"- {r['clients']} clients, CAM {'yes' if r['cam'] else 'no'}: " + "; ".join(f"`{m}`" for m in r["messages"])
+                for r in rows if r["messages"]]
+    if failures:
+        lines += ["", "Errors seen:", "", *failures]
     lines += ["", "Model time per image (in-process, median of 27 runs, one 224 px test X-ray):", ""]
     lines += [f"- {name}: {milliseconds:.1f} ms" for name, milliseconds in model.items()]
     lines += ["", "Target (issue 3): median predict + CAM <= 50 ms of model time per image on 2 CPU cores; errors = 0.", ""]

@@ -16,10 +16,14 @@ import atexit
 import csv
 import json
 import os
+import secrets
 import shutil
+import signal
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,11 +45,35 @@ from pneunet.preprocessing import InvalidImageError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = sorted((HERE / "pneunet" / "examples").glob("*.jpeg"))
-UPLOAD_TYPES = [".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"]
 MAX_BATCH_FILES = 100
 DISPLAY_SIDE = 1024  # longest side of the images sent back to the page (aspect ratio kept)
 # Two requests at once keep both CPU cores busy without making each one slower (see docs/app_benchmark.md).
 CONCURRENCY = int(os.environ.get("PNEUNET_APP_CONCURRENCY", "2"))
+# Limits (see docs/reliability.md). Uploads above MAX_UPLOAD_MB are refused by the server before they are
+# stored; images above MAX_PIXELS (pneunet.preprocessing) before their pixels are decoded. One image may
+# take at most REQUEST_TIMEOUT_S seconds; after that the person gets an error and the server keeps serving.
+MAX_UPLOAD_MB = int(os.environ.get("PNEUNET_MAX_UPLOAD_MB", "64"))
+REQUEST_TIMEOUT_S = float(os.environ.get("PNEUNET_REQUEST_TIMEOUT_S", "60"))
+TIMEOUT_MESSAGE = (f"Analysing this file took longer than the {REQUEST_TIMEOUT_S:g} s limit, so it was stopped "
+                   "and not analysed. Please try a smaller image (a chest X-ray needs no more than ~4000 px a side).")
+INTERNAL_MESSAGE = "This file could not be analysed because of an internal error; it was not analysed. Please try another file."
+_WORKERS = ThreadPoolExecutor(max_workers=2 * CONCURRENCY + 2, thread_name_prefix="analyse")
+
+
+def _with_timeout(work, *args):
+    """``work(*args)`` on a worker thread, giving up after REQUEST_TIMEOUT_S (the work itself runs on to
+    its end, bounded by the size limits). Unexpected errors become a message without a traceback; their
+    type (never the image or its metadata) goes to the log."""
+    future = _WORKERS.submit(work, *args)
+    try:
+        return future.result(timeout=REQUEST_TIMEOUT_S)
+    except FutureTimeout:
+        raise gr.Error(TIMEOUT_MESSAGE) from None
+    except (InvalidImageError, gr.Error):
+        raise
+    except Exception as error:  # a bug, or memory: never show a traceback to the person
+        print(f"pneunet: internal error {type(error).__name__} while analysing an upload", flush=True)
+        raise gr.Error(INTERNAL_MESSAGE) from None
 
 CHECKPOINT = default_checkpoint()
 PREDICTOR = Predictor.load(CHECKPOINT)
@@ -147,6 +175,13 @@ class UploadJanitor:
         with self._lock:
             expired = [path for path, deadline in self._deadlines.items() if deadline <= now]
             for path in expired:
+                try:  # Gradio renames every upload into place, so the file's mtime is its latest upload
+                    age = time.time() - path.stat().st_mtime
+                except OSError:
+                    age = float("inf")
+                if age < self.grace_s:  # uploaded again since its last use ended: a queued request needs it
+                    self._deadlines[path] = now + self.grace_s - age
+                    continue
                 del self._deadlines[path]
                 path.unlink(missing_ok=True)
                 if path.parent != self.folder and path.parent.is_dir() and not any(path.parent.iterdir()):
@@ -163,9 +198,16 @@ GONE = "The uploaded file is no longer on the server (uploads are deleted right 
 
 
 def _display(image: Image.Image) -> Image.Image:
-    """Shrink for the page, keeping the upload's own aspect ratio."""
+    """Shrink for the page, keeping the upload's own aspect ratio.
+
+    Gradio caches a result image under the sha256 of its PNG bytes and rewrites that file in place for
+    every request that produces the same bytes (the same X-ray sent twice): a client still downloading
+    the first copy then gets a truncated response ("peer closed connection", docs/app_benchmark.md).
+    A random PNG text chunk makes every result its own file; it also replaces any text metadata the
+    upload carried, so none of it is echoed back."""
     image = image.copy()
     image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.LANCZOS)
+    image.info = {"pneunet-result": secrets.token_hex(8)}
     return image
 
 
@@ -175,10 +217,14 @@ def _analyse(path: str | None, targets: tuple[str, ...]) -> tuple[Prediction, Im
         raise gr.Error("Please upload a chest X-ray image first (JPEG, PNG or DICOM).")
     if not Path(path).is_file():
         raise gr.Error(GONE)
-    try:
+
+    def work():
         with JANITOR.using(path):
             prepared = PREDICTOR.prepare(path)
-        result = PREDICTOR.predict_inputs(prepared.model_input[None], heatmap=True, target=targets)[0]
+        return prepared, PREDICTOR.predict_inputs(prepared.model_input[None], heatmap=True, target=targets)[0]
+
+    try:
+        prepared, result = _with_timeout(work)
     except NotAnXrayError as error:
         raise gr.Error(f"This image was not analysed: {error}") from None
     except InvalidImageError as error:
@@ -231,11 +277,12 @@ def analyse_batch(paths: list[str] | None):
         for path in paths:
             name = Path(path).name
             try:
-                prepared = PREDICTOR.prepare(path)
-                result = PREDICTOR.predict_inputs(prepared.model_input[None])[0]
+                result = _with_timeout(lambda p: PREDICTOR.predict_inputs(PREDICTOR.prepare(p).model_input[None])[0], path)
                 error = result.refusal or ""
             except InvalidImageError as exception:
                 result, error = None, str(exception)
+            except gr.Error as exception:  # timeout or internal error: that file only
+                result, error = None, exception.message
             if result is None or error:
                 rows.append([name, "", None, round(PREDICTOR.config.threshold, 4), error])
             else:
@@ -258,8 +305,9 @@ with gr.Blocks(title="PneuNet: pneumonia screening on chest X-rays", delete_cach
     with gr.Tab("Single image"):
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(label="Chest X-ray (JPEG, PNG 8/16-bit, DICOM)", file_types=UPLOAD_TYPES,
-                                 type="filepath", elem_id="upload")
+                # Any file type is accepted and judged by PneuNet's decoder, so an unsupported one gets our
+                # message (and is deleted after its request) rather than Gradio's refusal before any request.
+                upload = gr.File(label="Chest X-ray (JPEG, PNG 8/16-bit, TIFF, DICOM)", type="filepath", elem_id="upload")
                 verdict = gr.Markdown(elem_id="verdict")
                 raw = gr.JSON(label="Result (JSON)", elem_id="result-json")
             with gr.Column(scale=2):
@@ -279,7 +327,7 @@ with gr.Blocks(title="PneuNet: pneumonia screening on chest X-rays", delete_cach
                         run_on_click=True, cache_examples=False,
                         label="Examples: test-set X-rays from Kermany et al. 2018 (CC BY 4.0, see pneunet/examples/ATTRIBUTION.md)")
     with gr.Tab("Batch"):
-        batch_files = gr.File(label="Chest X-rays", file_count="multiple", file_types=UPLOAD_TYPES, type="filepath")
+        batch_files = gr.File(label="Chest X-rays", file_count="multiple", type="filepath")
         batch_button = gr.Button("Analyse all", variant="primary")
         batch_table = gr.Dataframe(headers=["file", "label", "pneumonia_probability", "threshold", "error"],
                                    interactive=False, label="Results")
@@ -298,7 +346,9 @@ with gr.Blocks(title="PneuNet: pneumonia screening on chest X-rays", delete_cach
 
 demo.queue(default_concurrency_limit=CONCURRENCY, max_size=128)
 
-LAUNCH_OPTIONS = dict(share=False, ssr_mode=False, max_file_size="64mb", show_error=False, footer_links=["api"])
+LAUNCH_OPTIONS = dict(share=False, ssr_mode=False, max_file_size=f"{MAX_UPLOAD_MB}mb", show_error=False, footer_links=["api"])
 
 if __name__ == "__main__":
+    # SIGTERM (docker stop, systemd) ends the app like Ctrl-C, so the atexit clean-up removes the uploads folder.
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt))
     demo.launch(**LAUNCH_OPTIONS)

@@ -96,9 +96,15 @@ def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from pneunet.checkpoint import CheckpointError
+    from pneunet.gate import GateFileError
     from pneunet.predictor import Predictor
 
-    predictor = Predictor.load(args.checkpoint, gate=not args.no_gate)
+    try:
+        predictor = Predictor.load(args.checkpoint, gate=not args.no_gate)
+    except (CheckpointError, GateFileError) as error:  # missing, truncated or tampered model/gate file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     files, any_folder = expand_paths(args.paths)
     if not files:
         print("error: no images found in the given paths", file=sys.stderr)

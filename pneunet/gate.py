@@ -58,6 +58,17 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def gate_fitted_for(path: str | Path) -> str | None:
+    """The sha256 of the model checkpoint a gate file was fitted on (recorded by training.fit_gate), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return json.loads((handle.metadata() or {}).get("provenance", "{}")).get("checkpoint_sha256")
+    except Exception as error:  # a damaged file: the same message as load()
+        raise GateFileError(f"{path}: not a readable gate file ({error})") from error
+
+
 def verify_gate_file(path: str | Path) -> None:
     """Refuse a gate file whose sha256 differs from the one in its sidecar JSON (truncated or changed)."""
     path = Path(path)

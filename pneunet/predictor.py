@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from pneunet.cam import GradCAM, cam_from_feature_map
-from pneunet.checkpoint import load_checkpoint
+from pneunet.checkpoint import load_checkpoint, sha256_of
 from pneunet.config import ModelConfig
-from pneunet.gate import InputGate, NotAnXrayError, gate_path_for
+from pneunet.gate import GateFileError, InputGate, NotAnXrayError, gate_fitted_for, gate_path_for
 from pneunet.models import PneuNetModel
 from pneunet.preprocessing import ImageSource, decode, load_grey, normalize, to_unit
 
@@ -68,11 +68,20 @@ class Predictor:
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, device: str = "cpu", gate: bool = True) -> "Predictor":
         """Load a checkpoint (default: ``default_checkpoint()``) and, when ``gate`` and the file
-        ``<checkpoint>.gate.safetensors`` exists, its input gate."""
+        ``<checkpoint>.gate.safetensors`` exists, its input gate. Both are checked against the sha256
+        recorded beside them (``CheckpointError`` / ``GateFileError`` naming the file when they differ)."""
         checkpoint = Path(checkpoint) if checkpoint else default_checkpoint()
         model, config = load_checkpoint(checkpoint, device=device)
         gate_file = gate_path_for(checkpoint)
-        return cls(model, config, InputGate.load(gate_file) if gate and gate_file.is_file() else None)
+        if not (gate and gate_file.is_file()):
+            return cls(model, config, None)
+        input_gate = InputGate.load(gate_file, verify=True)
+        # A gate measures distances in one model's feature space: with another model it refuses X-rays.
+        fitted_for = gate_fitted_for(gate_file)
+        if fitted_for is not None and fitted_for != sha256_of(checkpoint):
+            raise GateFileError(f"{gate_file}: fitted for another model (sha256 {fitted_for[:12]}...), not {checkpoint}; "
+                                f"refit it with python -m training.fit_gate --checkpoint {checkpoint}")
+        return cls(model, config, input_gate)
 
     def calibrated_probability(self, logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.config.temperature))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pneunet.checkpoint import sha256_of
 from pneunet.gate import InputGate, PpcaDistance, colourfulness, gate_path_for, grey_spread, image_descriptor
 from pneunet.preprocessing import decode
 from pneunet.predictor import Predictor, default_checkpoint
@@ -65,7 +66,7 @@ def main(args: argparse.Namespace) -> Path:
     val_distance = gate.distance(val_features)
     gate.save(out, metadata={
         "command": f"python -m training.fit_gate --checkpoint {checkpoint}",
-        "checkpoint": checkpoint.name, "train_images": len(train), "val_images": len(val), "dims": int(gate.components.shape[0]),
+        "checkpoint": checkpoint.name, "checkpoint_sha256": sha256_of(checkpoint), "train_images": len(train), "val_images": len(val), "dims": int(gate.components.shape[0]),
         "threshold_rule": f"{args.margin} x the {args.quantile} quantile of validation X-ray distances",
         "val_distance_median": float(np.median(val_distance)), "val_colourfulness_max": float(colour.max()),
         "val_grey_spread_min": float(spread.min()), "appearance_dims": int(gate.appearance.components.shape[0]),

@@ -38,14 +38,23 @@ class InvalidImageError(ValueError):
 
 def _read_bytes(source: Union[str, os.PathLike]) -> bytes:
     path = Path(source)
-    if not path.is_file():
-        raise InvalidImageError(f"{path.name}: no such file")
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise InvalidImageError(
-            f"{path.name}: file is {size / 2**20:.0f} MB, more than the {MAX_FILE_BYTES // 2**20} MB limit"
-        )
-    return path.read_bytes()
+    try:
+        if not path.is_file():
+            raise InvalidImageError(f"{path.name}: no such file")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise InvalidImageError(
+                f"{path.name}: file is {size / 2**20:.0f} MB, more than the {MAX_FILE_BYTES // 2**20} MB limit"
+            )
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)  # bounded, also if the file grew after stat
+    except FileNotFoundError as error:  # deleted between the check and the read
+        raise InvalidImageError(f"{path.name}: no such file") from error
+    except OSError as error:  # name too long, permission denied, I/O error, ...
+        raise InvalidImageError(f"{path.name}: file could not be read ({error.strerror or error})") from error
+    if len(data) > MAX_FILE_BYTES:
+        raise InvalidImageError(f"{path.name}: file is larger than the {MAX_FILE_BYTES // 2**20} MB limit")
+    return data
 
 
 def _is_dicom(data: bytes) -> bool:
@@ -60,7 +69,12 @@ def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+    if not np.isfinite(high - low):  # a range wider than float64 can hold (e.g. -1e308..1e308): halve it first
+        values, low, high = values / 2, low / 2, high / 2
+    scale = 255.0 / (high - low)
+    if not np.isfinite(scale):  # a subnormal range (e.g. -5e-324..0): divide instead, 255 / range overflows
+        return np.round((values - low) / (high - low) * 255.0).astype(np.uint8)
+    return np.round((values - low) * scale).astype(np.uint8)
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
@@ -79,7 +93,7 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         pass
     elif np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and array.min() >= 0 and array.max() <= 1:
         array = np.round(array * 255.0).astype(np.uint8)
-    elif np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating):
+    elif array.dtype.kind in "iuf":  # not timedelta64, which numpy counts as an integer
         array = _stretch_to_uint8(array)
     else:
         raise InvalidImageError(f"array of dtype {array.dtype} is not an image")

@@ -3,7 +3,8 @@ the same heatmap as the app, on numpy + Pillow + one inference runtime (never to
 
     python -m edge.run IMAGE_OR_FOLDER... [--model PATH] [--csv out.csv] [--cam OUT_DIR] [--threads N]
 
-Without ``--model`` it runs the committed int8 export of the shipped model (edge/models/). One line per
+Without ``--model`` it runs ``edge.runtime.DEFAULT_MODEL`` (edge/models/: the fp32 ONNX export of the
+shipped model until the int8 one passes the parity gate; edge/README.md). One line per
 image on stdout; an unreadable file, or one the input gate refuses, gets a one-line reason on stderr,
 the rest still run, and the exit code is 1 if any file failed (as ``python -m pneunet predict``).
 """
@@ -120,6 +121,10 @@ def run(options: EdgeOptions) -> int:
     except EdgeModelError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    verdict = predictor.model.entry.get("parity_gate") or {}
+    if verdict.get("result") == "fail":
+        print(f"warning: {options.model} failed its parity gate against PyTorch at export "
+              f"({'; '.join(verdict.get('failures', []))}); see parity.json beside it", file=sys.stderr)
     files, _ = expand_paths(options.paths)
     if not files:
         print("error: no images found in the given paths", file=sys.stderr)

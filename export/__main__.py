@@ -4,9 +4,13 @@
 
 Writes model_fp32.onnx, model_int8.onnx, model_fp32.tflite, model_int8.tflite, pneunet_edge.json
 (everything the edge runner needs), the input gate if the checkpoint has one, parity.json, and the
-parity report (docs/export_parity.md for a full run). Exits 1 if any export fails its parity gate.
-TFLite conversion runs in the converter environment (export/requirements-tflite.txt); ``--skip-tflite``
-exports ONNX only.
+parity report (docs/export_parity.md for a full run). Every model's gate result is recorded in
+parity.json, the report and the sidecar ("parity_gate"). Exits 1 if an ONNX export (the edge runner's
+default is the ONNX int8 one) fails its parity gate; a failing TFLite export is reported loudly but does
+not fail the command unless ``--require-tflite`` (TFLite is the optional second format).
+TFLite conversion runs in the converter environment (export/requirements-tflite.txt) and takes minutes;
+``--skip-tflite`` exports ONNX only, ``--reuse-tflite`` keeps .tflite files already converted from the
+same checkpoint (tflite_facts.json records its sha256).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pneunet.checkpoint import load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TFLITE_PYTHON = REPO_ROOT / ".venv-tflite" / "bin" / "python"
+TFLITE_FACTS = "tflite_facts.json"
 TFLITE_SETUP = "python3.11 -m venv .venv-tflite && .venv-tflite/bin/pip install -r export/requirements-tflite.txt"
 
 
@@ -79,7 +84,17 @@ def _tflite_entry(path: Path, precision: str, quantization: dict | None) -> dict
     }
 
 
-def export_all(checkpoint: Path, out: Path, calibration_images: int, tflite_python: Path | None) -> dict:
+def _reusable_tflite(out: Path, checkpoint: Path) -> dict | None:
+    """The converter's facts if ``out`` holds both .tflite files converted from ``checkpoint``, else None."""
+    facts_file = out / TFLITE_FACTS
+    if not (facts_file.is_file() and (out / "model_fp32.tflite").is_file() and (out / "model_int8.tflite").is_file()):
+        return None
+    facts = json.loads(facts_file.read_text())
+    return facts if facts.get("source_checkpoint_sha256") == sha256_of(checkpoint) else None
+
+
+def export_all(checkpoint: Path, out: Path, calibration_images: int, tflite_python: Path | None,
+               reuse_tflite: bool = False) -> dict:
     """Every export + sidecar; returns the sidecar."""
     out.mkdir(parents=True, exist_ok=True)
     model, config = load_checkpoint(checkpoint)
@@ -96,12 +111,15 @@ def export_all(checkpoint: Path, out: Path, calibration_images: int, tflite_pyth
     }
     converter = None
     if tflite_python is not None:
-        print(f"TFLite fp32 + int8 with {tflite_python} (litert-torch; a few minutes) ...", file=sys.stderr)
-        subprocess.run([str(tflite_python), "-m", "export.tflite_export", "--checkpoint", str(checkpoint),
-                        "--out", str(out), "--calibration-images", str(calibration_images)], check=True, cwd=REPO_ROOT)
-        facts_file = out / "tflite_facts.json"
-        facts = json.loads(facts_file.read_text())
-        facts_file.unlink()  # a hand-over from the converter process, folded into the sidecar below
+        facts = _reusable_tflite(out, checkpoint) if reuse_tflite else None
+        if facts is not None:
+            print(f"TFLite: reusing {out}/model_*.tflite, converted from this checkpoint ({TFLITE_FACTS})", file=sys.stderr)
+        else:
+            print(f"TFLite fp32 + int8 with {tflite_python} (litert-torch; a few minutes) ...", file=sys.stderr)
+            subprocess.run([str(tflite_python), "-m", "export.tflite_export", "--checkpoint", str(checkpoint),
+                            "--out", str(out), "--calibration-images", str(calibration_images)], check=True, cwd=REPO_ROOT)
+            # A hand-over from the converter process, folded into the sidecar below (kept for --reuse-tflite).
+            facts = json.loads((out / TFLITE_FACTS).read_text())
         converter = facts["converter"]
         models["model_fp32.tflite"] = _tflite_entry(out / "model_fp32.tflite", "fp32", None)
         models["model_int8.tflite"] = _tflite_entry(out / "model_int8.tflite", "int8", facts["quantization"])
@@ -144,6 +162,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tflite-python", default=str(DEFAULT_TFLITE_PYTHON),
                         help=f"python of the converter environment (default: %(default)s; set up with: {TFLITE_SETUP})")
     parser.add_argument("--skip-tflite", action="store_true", help="export ONNX only")
+    parser.add_argument("--reuse-tflite", action="store_true",
+                        help="keep model_*.tflite in DIR if they were converted from this checkpoint (skips minutes of conversion)")
+    parser.add_argument("--require-tflite", action="store_true",
+                        help="exit 1 when a TFLite export fails its parity gate too (default: reported, not blocking)")
     parser.add_argument("--parity-limit", type=int, default=None,
                         help="parity on N class-balanced images of each split only (quick check; default: all)")
     parser.add_argument("--report", default=None,
@@ -160,7 +182,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: no converter environment at {tflite_python}; set it up with: {TFLITE_SETUP} "
                   "(or pass --skip-tflite for ONNX only)", file=sys.stderr)
             return 2
-    export_all(checkpoint, out, args.calibration_images, tflite_python)
+    export_all(checkpoint, out, args.calibration_images, tflite_python, args.reuse_tflite)
     print("parity against PyTorch fp32 ...", file=sys.stderr)
     report = parity.run_parity(checkpoint, out, args.parity_limit)
     report_path = Path(args.report) if args.report else (
@@ -170,11 +192,20 @@ def main(args: argparse.Namespace) -> int:
     if args.parity_limit is not None:
         command += f" --parity-limit {args.parity_limit}"
     report_path.write_text(parity.markdown(report, command))
+    sidecar_file = out / SIDECAR_NAME  # record each model's verdict beside its sha256 (the runner warns on "fail")
+    sidecar = json.loads(sidecar_file.read_text())
+    for name, row in report["models"].items():
+        sidecar["models"][name]["parity_gate"] = {
+            "result": "fail" if row["gate_failures"] else "pass", "failures": row["gate_failures"],
+            "images": report["images"], "limit": report["limit"], "report": "parity.json"}
+    sidecar_file.write_text(json.dumps(sidecar, indent=2) + "\n")
     failed = {name: row["gate_failures"] for name, row in report["models"].items() if row["gate_failures"]}
+    blocking = {name for name in failed if name.endswith(".onnx") or args.require_tflite}
     for name, failures in failed.items():
-        print(f"PARITY GATE FAILED for {name}: {'; '.join(failures)}", file=sys.stderr)
+        note = "" if name in blocking else " (optional TFLite export: recorded, not blocking; --require-tflite makes it fatal)"
+        print(f"PARITY GATE FAILED for {name}: {'; '.join(failures)}{note}", file=sys.stderr)
     print(f"wrote {out}/ and {report_path}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if blocking else 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     models, checkpoint = Path(args.models), Path(args.checkpoint)
     image_dir = REPO_ROOT / "pneunet" / "examples"
+    load_before = os.getloadavg()[0]
     rows = []
     for label, kind, name in KINDS:
         path = checkpoint if kind == "torch" else models / name
@@ -126,12 +128,26 @@ def main(args: argparse.Namespace) -> int:
         f"{args.repeats} single test images after warm-up (preprocessing excluded). Batch: images/s on batches of {BATCH} at "
         "2 threads (the TFLite exports have a fixed batch of 1, so they loop). Peak RSS: the whole runner process "
         "(`python -m edge.run`, or `python -m pneunet predict` for PyTorch) on the six bundled example images, with "
-        "heatmaps off.", "",
+        "heatmaps off. System load average (1 min) "
+        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the run on {os.cpu_count()} logical CPUs: other "
+        "processes share this machine, so compare rows with each other rather than with other reports.", "",
         "| model | file MB | ms/image, 1 thread | ms/image, 2 threads | batch images/s (2 threads) | runner peak RSS MB |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(f"| {row['model']} | {row['mb']:.1f} | {row['ms_1']:.1f} | {row['ms_2']:.1f} | {row['batch_2']:.1f} | {row['rss_mb']:.0f} |")
+    cpu = _cpu()
+    vnni = "vnni" in cpu
+    by_label = {row["model"]: row for row in rows}
+    summary = []
+    for fp32, int8 in (("ONNX fp32", "ONNX int8"), ("TFLite fp32", "TFLite int8")):
+        if fp32 in by_label and int8 in by_label:
+            a, b = by_label[fp32], by_label[int8]
+            summary.append(f"{int8} is {a['mb'] / b['mb']:.1f}x smaller than {fp32} and "
+                           f"{'faster' if b['ms_1'] < a['ms_1'] else 'slower'} on 1 thread "
+                           f"({b['ms_1']:.1f} vs {a['ms_1']:.1f} ms/image)")
+    lines += ["", f"**This CPU ({cpu}) has {'VNNI' if vnni else 'AVX2 but no VNNI'}: int8 is smaller here, "
+              f"{'and may be faster' if vnni else 'not faster'}.** " + ("; ".join(summary) + "." if summary else "")]
     lines += ["", "Why int8 may not be faster here: x86 CPUs without AVX-512 VNNI (or AVX-VNNI) have no single "
               "instruction for 8-bit dot products; onnxruntime's uint8 x int8 kernels use VPMADDUBSW + VPMADDWD, "
               "and the Q/DQ conversions around each layer cost extra, so int8 mainly saves size and memory. On "

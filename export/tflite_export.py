@@ -6,13 +6,16 @@ see export/requirements-tflite.txt), called by ``python -m export``; by hand:
 Writes model_fp32.tflite, model_int8.tflite and tflite_facts.json (what the sidecar needs to know).
 Input (1, H, W, channels) float32 (NHWC: TFLite's layout); outputs the pneumonia logit (1,) and the
 feature map (1, h, w, C). int8: PT2E static quantisation (per-channel int8 weights, int8 activations
-from histogram observers on real preprocessed training images); float input and output.
+from histogram observers on real preprocessed training images) of everything except the modules in
+FLOAT_MODULES, which stay float32 (the same choice as the ONNX int8 export); float input and output.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +25,46 @@ from export.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_inputs
 from export.graph import edge_graph
 from pneunet.checkpoint import load_checkpoint
 
+# Kept float32 in the int8 model, as in the ONNX int8 export (export.onnx_export.FLOAT_MODULES): the
+# last 1x1 convolution that makes the feature map (heatmap + pooled features for the gate) and the
+# classifier head (pooling + linear: the logit). Module paths inside PneuNetModel.
+FLOAT_MODULES = ("conv_head", "head")
+
+
+def _quantised_node_filter(float_modules: tuple[str, ...]):
+    """fx-node filter: True for nodes that are not inside one of ``float_modules`` (matched as whole
+    dotted path segments, so "head" is the classifier and not "conv_head")."""
+    pattern = re.compile(r"(^|\.)(" + "|".join(re.escape(name) for name in float_modules) + r")(\.|$)")
+
+    def keep(node) -> bool:
+        for path, _ in node.meta.get("nn_module_stack", {}).values():
+            path = re.sub(r"^L\['self'\]\.?", "", str(path))
+            if pattern.search(path):
+                return False
+        return True
+
+    return keep
+
+
+def _quantizer(float_modules: tuple[str, ...]):
+    """litert-torch's PT2E quantizer (int8, per-channel symmetric weights, static activations) that leaves
+    ``float_modules`` unannotated, i.e. float. Its own set_module_name cannot name them: it rebuilds module
+    paths from nn_module_stack keys by turning every "_" into ".", so "conv_head" never matches."""
+    from litert_torch.quantize import pt2e_quantizer
+
+    node_filter = _quantised_node_filter(float_modules)
+
+    class _PartialQuantizer(pt2e_quantizer.PT2EQuantizer):
+        def _annotate_for_static_quantization_config(self, model):
+            self._annotate_all_static_patterns(model, self.global_config, node_filter)
+            return model
+
+    return _PartialQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+
 
 def convert(checkpoint: Path, out_dir: Path, calibration_images: int, seed: int = 0) -> dict:
     import litert_torch
-    from litert_torch.quantize import pt2e_quantizer
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e import quantize_pt2e
 
@@ -38,8 +77,7 @@ def convert(checkpoint: Path, out_dir: Path, calibration_images: int, seed: int 
 
     litert_torch.convert(graph, example).export(str(out_dir / "model_fp32.tflite"))
 
-    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
-        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    quantizer = _quantizer(FLOAT_MODULES)
     prepared = quantize_pt2e.prepare_pt2e(torch.export.export(graph, example).module(), quantizer)
     inputs, paths = calibration_inputs(config, calibration_images, seed=seed)
     with torch.no_grad():
@@ -51,10 +89,14 @@ def convert(checkpoint: Path, out_dir: Path, calibration_images: int, seed: int 
 
     facts = {
         "converter": f"litert-torch {litert_torch.__version__}",
+        "source_checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
         "quantization": {
             "tool": "litert-torch PT2E (torchao prepare_pt2e / convert_pt2e)",
             "activations": "int8, affine, per-tensor (histogram observer)",
             "weights": "int8, symmetric, per-channel",
+            "float_modules": list(FLOAT_MODULES),
+            "float_nodes": "conv_head (the feature map for heatmap and gate) and the classifier head (pooling, "
+                           "linear: the logit) stay float32; everything before is int8",
             "calibration_images": len(paths),
             "calibration_split": "train",
             "calibration_seed": seed,

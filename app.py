@@ -187,10 +187,21 @@ class UploadJanitor:
                 if path.parent != self.folder and path.parent.is_dir() and not any(path.parent.iterdir()):
                     path.parent.rmdir()
 
+    def sweep_empty_leftovers(self) -> None:
+        """Gradio leaves one empty ``tmpXXXXXXXX`` file per upload in the folder; they hold no data but pile up."""
+        cutoff = time.time() - self.grace_s
+        for path in self.folder.glob("tmp*"):
+            try:
+                if path.is_file() and path.stat().st_size == 0 and path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
     def _sweep_forever(self) -> None:
         while True:
             time.sleep(min(1.0, self.grace_s))
             self.sweep()
+            self.sweep_empty_leftovers()
 
 
 JANITOR = UploadJanitor(UPLOAD_DIR, float(os.environ.get("PNEUNET_UPLOAD_GRACE_S", "30")))

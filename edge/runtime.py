@@ -10,7 +10,6 @@ and quantisation parameters are read from the runtime, never assumed; the sideca
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pneunet.config import ModelConfig
+from pneunet.integrity import sha256_of
 
 SIDECAR_NAME = "pneunet_edge.json"
 SIDECAR_FORMAT = "pneunet-edge/1"
@@ -30,14 +30,6 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "model_fp32.onnx"
 
 class EdgeModelError(RuntimeError):
     """The exported model or its sidecar is missing, damaged or cannot be run here; the message says what to do."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_sidecar(model_path: Path, sidecar_path: Path | None = None) -> tuple[dict, dict]:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -14,19 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pneunet.config import ModelConfig
+from pneunet.integrity import sha256_of  # noqa: F401  (re-exported: callers import it from here)
 from pneunet.models import PneuNetModel, build_model
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match its recorded sha256."""
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sidecar_path(weights_path: str | Path) -> Path:

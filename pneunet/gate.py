@@ -24,7 +24,6 @@ validation X-rays) and measured by ``python -m training.gate_report`` (writes do
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from pneunet.integrity import sha256_of
 from pneunet.preprocessing import InvalidImageError
 
 REFUSAL_ADVICE = "Please upload a frontal chest X-ray (JPEG, PNG or DICOM)."
@@ -48,14 +48,6 @@ class GateFileError(RuntimeError):
 def gate_sidecar_path(gate_file: str | Path) -> Path:
     """The JSON recording a gate file's sha256: ``pneunet.gate.safetensors`` -> ``pneunet.gate.json``."""
     return Path(gate_file).with_suffix(".json")
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def gate_fitted_for(path: str | Path) -> str | None:
@@ -80,7 +72,7 @@ def verify_gate_file(path: str | Path) -> None:
         expected = json.loads(sidecar.read_text()).get("sha256")
     except (json.JSONDecodeError, AttributeError) as error:
         raise GateFileError(f"{sidecar}: not a valid gate sidecar ({error})") from error
-    actual = _sha256_of(path)
+    actual = sha256_of(path)
     if actual != expected:
         raise GateFileError(f"{path}: sha256 {actual[:12]}... does not match {str(expected)[:12]}... recorded in "
                             f"{sidecar.name}; the file is damaged or was changed")
@@ -276,7 +268,7 @@ class InputGate:
                 arrays["appearance_scale"] = self.appearance.scale
         header = {"gate": json.dumps(scalars), "provenance": json.dumps(metadata or {})}
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(path), metadata=header)
-        record = {"format": "pneunet-gate/1", "file": Path(path).name, "sha256": _sha256_of(Path(path))}
+        record = {"format": "pneunet-gate/1", "file": Path(path).name, "sha256": sha256_of(Path(path))}
         gate_sidecar_path(path).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -307,14 +299,8 @@ class InputGate:
     @classmethod
     def fit(cls, pooled: np.ndarray, dims: int = 64) -> "InputGate":
         """PCA of (N, C) training features; ``threshold`` is left at infinity for ``calibrate``."""
-        pooled = np.asarray(pooled, dtype=np.float64)
-        mean = pooled.mean(axis=0)
-        _, singular, vt = np.linalg.svd(pooled - mean, full_matrices=False)
-        eigenvalues = singular**2 / (len(pooled) - 1)
-        dims = min(dims, len(eigenvalues) - 1)
-        left_over = eigenvalues[dims:].sum() / max(pooled.shape[1] - dims, 1)
-        floor = 1e-6 * eigenvalues[0]  # keeps the distance finite for directions with (almost) no spread
-        return cls(mean, vt[:dims], np.maximum(eigenvalues[:dims], floor), float(max(left_over, floor)), float("inf"))
+        fitted = PpcaDistance.fit(pooled, dims)
+        return cls(fitted.mean, fitted.components, fitted.variances, fitted.residual_variance, float("inf"))
 
     def calibrate(self, pooled_xrays: np.ndarray, quantile: float = 0.995, margin: float = 1.1) -> float:
         """Set ``threshold`` to ``margin`` x the ``quantile`` of held-out X-rays' distances; returns it."""

@@ -6,16 +6,13 @@ Screenshots go to test-artifacts/ (git-ignored).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from tests.helpers import free_port, start_app
 
 REPO = Path(__file__).resolve().parent.parent
 XRAY = REPO / "pneunet" / "examples" / "pneumonia_person1_virus_6.jpeg"
@@ -24,37 +21,15 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(url, private temp root) of a running ``python app.py``; stopped after the module."""
     port, temp_root = free_port(), tmp_path_factory.mktemp("app-tmp")
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), TMPDIR=str(temp_root),
-               PNEUNET_UPLOAD_GRACE_S="1")
-    log = open(temp_root.parent / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = start_app(port, temp_root.parent / "app.log", TMPDIR=str(temp_root), PNEUNET_UPLOAD_GRACE_S="1")
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"app.py exited with {process.returncode}: {(temp_root.parent / 'app.log').read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("app.py did not answer within 120 s")
-            time.sleep(0.5)
     yield url, temp_root
     process.terminate()
     process.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from PIL import Image
 from pneunet.gate import NotAnXrayError
 from pneunet.predictor import Predictor
 from pneunet.preprocessing import InvalidImageError
+from tests.reliability.corpus import write_dicom
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "pneunet" / "examples"
 XRAY = EXAMPLES / "pneumonia_person1_virus_6.jpeg"
@@ -23,36 +24,6 @@ XRAY = EXAMPLES / "pneumonia_person1_virus_6.jpeg"
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
     return Predictor.load()
-
-
-def write_dicom(path: Path, grey: np.ndarray, photometric: str, bits: int) -> Path:
-    """A minimal secondary-capture DICOM holding ``grey`` (uint8, bone bright) as MONOCHROME1/2, 8/12/16-bit."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    peak = 2**bits - 1
-    pixels = np.round(grey.astype(np.float64) * peak / 255.0)
-    if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone dark
-        pixels = peak - pixels
-    pixels = pixels.astype(np.uint8 if bits == 8 else np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = pydicom.Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "CR"
-    dataset.Rows, dataset.Columns = grey.shape
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = photometric
-    dataset.BitsAllocated = 8 if bits == 8 else 16
-    dataset.BitsStored, dataset.HighBit = bits, bits - 1
-    dataset.PixelRepresentation = 0
-    dataset.PixelData = pixels.tobytes()
-    dataset.save_as(path, enforce_file_format=True)
-    return path
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])

@@ -27,6 +27,7 @@ from pneunet.config import ModelConfig
 from pneunet.preprocessing import (MAX_PIXELS, MIN_SIDE, InvalidImageError, decode, load_grey, preprocess,
                                    to_unit)
 from tests.helpers import EXAMPLES
+from tests.reliability.corpus import write_dicom
 
 # The shipped architecture's input (pneunet.models.default_config("efficientnet_lite0"), without importing torch).
 LITE = ModelConfig("efficientnet_lite0", 224, mean=127.0 / 255.0, std=128.0 / 255.0)
@@ -97,28 +98,8 @@ def _encode(image: Image.Image, fmt: str, **options) -> bytes:
 
 
 def _dicom(grey: np.ndarray, bits: int, photometric: str = "MONOCHROME2") -> bytes:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    pixels = grey.astype(np.uint16) * 257 if bits == 16 else grey
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = pydicom.Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "CR"
-    dataset.Rows, dataset.Columns = grey.shape
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = photometric
-    dataset.BitsAllocated = dataset.BitsStored = bits
-    dataset.HighBit = bits - 1
-    dataset.PixelRepresentation = 0
-    dataset.PixelData = pixels.tobytes()
     buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
+    write_dicom(buffer, grey, photometric, bits)
     return buffer.getvalue()
 
 

@@ -4,11 +4,7 @@ output nor any answer carries image content, the file's name or DICOM patient fi
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.reliability.corpus import GOOD_IMAGE, PATIENT_ID, PATIENT_NAME, write_dicom
-from tests.test_app import free_port
+from tests.helpers import free_port, start_app
 
 REPO = Path(__file__).resolve().parent.parent
 SECRETS = (PATIENT_NAME, PATIENT_NAME.replace("^", " "), PATIENT_ID, "Canary Hospital", "20200101", "Canary_Jane_scan")
@@ -28,29 +24,14 @@ def app(tmp_path_factory):
     port, root = free_port(), tmp_path_factory.mktemp("privacy")
     temp_root, log_path = root / "tmp", root / "server.log"
     temp_root.mkdir()
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), TMPDIR=str(temp_root),
-               PNEUNET_UPLOAD_GRACE_S="1", OMP_NUM_THREADS="1")
-    log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 120
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"app.py exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("app.py did not answer within 120 s")
-            time.sleep(0.5)
+    process = start_app(port, log_path, TMPDIR=str(temp_root), PNEUNET_UPLOAD_GRACE_S="1")
+    url = f"http://127.0.0.1:{port}/"
     from gradio_client import Client
 
     yield Client(url, verbose=False, download_files=str(root / "downloads")), temp_root, log_path, process
     if process.poll() is None:
         process.terminate()
         process.wait(timeout=30)
-    log.close()
 
 
 def copies_left(temp_root: Path, data: bytes, wait_s: float = 8.0) -> list[Path]:

@@ -13,34 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
-import subprocess
-import sys
+import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from tests.helpers import free_port, start_app
+
 REPO = Path(__file__).resolve().parents[2]
 XRAY = REPO / "pneunet" / "examples" / "pneumonia_person1_virus_6.jpeg"
-
-
-def start_app(port: int) -> subprocess.Popen:
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-            return process
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"app.py exited with {process.returncode}")
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("app.py did not start within 180 s")
 
 
 def one_request(client, with_cam: bool) -> tuple[float, str | None]:
@@ -106,11 +89,9 @@ def model_time_ms(repeats: int = 30) -> dict[str, float]:
 def main(args: argparse.Namespace) -> None:
     import torch
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     load_before = os.getloadavg()[0]
-    process = start_app(port)
+    process = start_app(port, Path(tempfile.gettempdir()) / f"pneunet-bench-app-{port}.log")
     url = f"http://127.0.0.1:{port}/"
     rows = []
     try:

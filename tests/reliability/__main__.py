@@ -26,15 +26,14 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers import free_port, start_app
 from tests.reliability.corpus import GOOD_IMAGE, PATIENT_ID, PATIENT_NAME, REPO, Case, build_corpus, real_xrays
 
 CHROMIUM = "/usr/bin/chromium"
@@ -112,12 +111,6 @@ def run_batch_command(command: list[str], cases: list[Case], work: Path, interfa
 # ------------------------------------------------------------------------------------------ app server
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class AppServer:
     """``python app.py`` on 127.0.0.1 with its own TMPDIR; stdout+stderr captured in ``log``."""
 
@@ -128,25 +121,11 @@ class AppServer:
         self.log = self.root / "server.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self.env = env_for_children(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(self.port),
-                                    TMPDIR=str(self.temp), PNEUNET_UPLOAD_GRACE_S="1", **env)
+        self.extra_env = dict(TMPDIR=str(self.temp), PNEUNET_UPLOAD_GRACE_S="1", **env)
 
     def __enter__(self) -> "AppServer":
-        self._log = open(self.log, "w")
-        self.process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=self.env, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"app.py exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(self.url, timeout=2)
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.process.kill()
-                    raise RuntimeError("app.py did not answer within 180 s")
-                time.sleep(0.5)
+        self.process = start_app(self.port, self.log, **self.extra_env)
+        return self
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -163,7 +142,6 @@ class AppServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self._log.close()
 
 
 def api_predict(client, path: Path) -> Outcome:

@@ -30,17 +30,17 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from tests.helpers import free_port, start_app
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_DATA = REPO.parent / "shared" / "data" / "kermany224" / "test"
@@ -152,30 +152,6 @@ class RssSampler:
 # ------------------------------------------------------------------------------ app
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_app(port: int, tmp: Path, log: Path, timeout_s: float = 240) -> subprocess.Popen:
-    """``python app.py`` on 127.0.0.1:port with its temp folder under ``tmp``; stdout+stderr to ``log``."""
-    env = child_env(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), TMPDIR=str(tmp))
-    with open(log, "wb") as handle:
-        process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-            return process
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"app.py exited with {process.returncode}: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"app.py did not start within {timeout_s:.0f} s")
-
-
 def stop_app(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()
@@ -245,7 +221,7 @@ def soak_app(clients: int = 32, seconds: float = 180, with_cam: bool = True, max
     log = base / "app.log"
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    process = start_app(port, server_tmp, log)
+    process = start_app(port, log, timeout_s=240, TMPDIR=str(server_tmp))
     counter_lock = threading.Lock()
     sent = [0]
     try:

@@ -57,3 +57,15 @@ def start_app(port: int, log: Path, timeout_s: float = 180, **env: str):
             time.sleep(0.5)
     process.kill()
     raise RuntimeError(f"app.py did not answer within {timeout_s:.0f} s: {Path(log).read_text()[-2000:]}")
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package, driven by Playwright without `playwright install`
+
+
+def launch_chromium(playwright, profile_dir: Path):
+    """Headless Debian Chromium with a fresh profile (Playwright wants it as user_data_dir, not a flag),
+    nothing phoning home: no sync, updates or background networking."""
+    return playwright.chromium.launch_persistent_context(
+        str(profile_dir), executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 1000},
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync"])

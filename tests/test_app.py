@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import free_port, start_app
+from tests.helpers import CHROMIUM, free_port, launch_chromium, start_app
 
 REPO = Path(__file__).resolve().parent.parent
 XRAY = REPO / "pneunet" / "examples" / "pneumonia_person1_virus_6.jpeg"
 FULL_SIZE_XRAY = sorted((REPO.parent / "shared" / "data" / "kermany224" / "val_original" / "NORMAL").glob("*.jpeg"))
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts"
 
 
@@ -99,12 +98,7 @@ def test_browser_upload_shows_verdict_and_heatmap(server):
     ARTIFACTS.mkdir(exist_ok=True)
     outside = []
     with sync_playwright() as playwright:
-        # A fresh profile every run (Playwright wants it as user_data_dir, not as a flag).
-        browser = playwright.chromium.launch_persistent_context(
-            str(temp_root.parent / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            viewport={"width": 1400, "height": 1000},
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(playwright, temp_root.parent / "chromium-profile")
         page = browser.new_page()
         page.on("request", lambda request: outside.append(request.url) if not request.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
         page.goto(url, wait_until="networkidle")

@@ -33,10 +33,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers import free_port, start_app
+from tests.helpers import CHROMIUM, free_port, launch_chromium, start_app
 from tests.reliability.corpus import GOOD_IMAGE, PATIENT_ID, PATIENT_NAME, REPO, Case, build_corpus, real_xrays
 
-CHROMIUM = "/usr/bin/chromium"
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
 INTERFACES = ("cli", "edge", "api", "batch", "browser")
 LABELS = ("normal", "pneumonia")
@@ -240,11 +239,7 @@ def run_browser(server: AppServer, cases: list[Case], report: Report, shots: Pat
     client = server.client()
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(server.root / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            viewport={"width": 1400, "height": 1000},
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(playwright, server.root / "chromium-profile")
         page = browser.new_page()
         for case in cases:
             started = time.monotonic()

@@ -250,12 +250,21 @@ def result_json(result: Prediction, target: str) -> dict:
             "threshold": round(result.threshold, 4), "heatmap_target": target}
 
 
+def percent(probability: float) -> str:
+    """A probability for people: never a flat 0 % or 100 %, which a calibrated model does not claim."""
+    if probability >= 0.999:
+        return "> 99.9%"
+    if probability <= 0.001:
+        return "< 0.1%"
+    return f"{probability:.1%}"
+
+
 def verdict_markdown(result: Prediction) -> str:
     if result.label == PNEUMONIA_LABEL:
         headline = "## Pneumonia suspected"
     else:
         headline = "## No pneumonia found"
-    return (f"{headline}\n\nCalibrated pneumonia probability: **{result.pneumonia_probability:.1%}** "
+    return (f"{headline}\n\nCalibrated pneumonia probability: **{percent(result.pneumonia_probability)}** "
             f"(threshold {result.threshold:.2f}).\n\n{threshold_meaning()}\n\n"
             "The heatmap shows where in the image the evidence for the chosen class came from. "
             "*Screening aid for research: not a medical device, not for diagnosis.*")

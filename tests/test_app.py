@@ -105,6 +105,9 @@ def test_browser_upload_shows_verdict_and_heatmap(server):
         page.locator("#upload input[type=file]").set_input_files(str(XRAY))
         page.locator("#verdict").get_by_text("Calibrated pneumonia probability").wait_for(timeout=60_000)
         page.locator("#heatmap img").wait_for(timeout=30_000)
+        # Gradio dims the outputs while an event runs: screenshot the finished page, not the fade.
+        page.wait_for_function("() => !document.querySelector('.pending')", timeout=30_000)
+        page.wait_for_load_state("networkidle")
         verdict = page.locator("#verdict").inner_text()
         page.screenshot(path=str(ARTIFACTS / "app_single_image.png"), full_page=True)
         browser.close()

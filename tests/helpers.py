@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from training.data import DEFAULT_DATA_DIR
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "pneunet" / "examples"
-DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "kermany224"
+DATA_DIR = DEFAULT_DATA_DIR  # ../shared/data/kermany224, or $PNEUNET_DATA
 
 
 def require_data() -> Path:
@@ -18,7 +20,7 @@ def require_data() -> Path:
     if DATA_DIR.is_dir():
         return DATA_DIR
     if os.environ.get("CI"):
-        pytest.fail(f"{DATA_DIR} is missing: CI must run beside ../shared/data")
+        pytest.fail(f"{DATA_DIR} is missing: CI must run beside ../shared/data (or set PNEUNET_DATA)")
     pytest.skip(f"{DATA_DIR} not present")
 
 

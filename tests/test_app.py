@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import CHROMIUM, free_port, launch_chromium, start_app
+from tests.helpers import CHROMIUM, free_port, launch_chromium, require_data, start_app
 
 REPO = Path(__file__).resolve().parent.parent
 XRAY = REPO / "pneunet" / "examples" / "pneumonia_person1_virus_6.jpeg"
-FULL_SIZE_XRAY = sorted((REPO.parent / "shared" / "data" / "kermany224" / "val_original" / "NORMAL").glob("*.jpeg"))
 ARTIFACTS = REPO / "test-artifacts"
 
 
@@ -62,8 +61,9 @@ def test_predict_round_trip(client, server):
 def test_heatmap_keeps_the_uploads_aspect_ratio(client):
     from gradio_client import handle_file
 
-    source = Image.open(FULL_SIZE_XRAY[0])
-    _, heatmap = client.predict(handle_file(str(FULL_SIZE_XRAY[0])), "normal", api_name="/predict")
+    full_size_xray = sorted((require_data() / "val_original" / "NORMAL").glob("*.jpeg"))[0]
+    source = Image.open(full_size_xray)
+    _, heatmap = client.predict(handle_file(str(full_size_xray)), "normal", api_name="/predict")
     width, height = Image.open(heatmap).size
     assert max(width, height) <= 1024
     assert width / height == pytest.approx(source.width / source.height, rel=0.01)

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers import CHROMIUM, free_port, launch_chromium, start_app
+from tests.helpers import CHROMIUM, DATA_DIR, free_port, launch_chromium, start_app
 from tests.reliability.corpus import GOOD_IMAGE, PATIENT_ID, PATIENT_NAME, REPO, Case, build_corpus, real_xrays
 
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
@@ -334,8 +334,7 @@ def run_soak(work: Path, server: AppServer | None, args, report: Report) -> None
         return
     images = work / "soak-images"
     if not images.is_dir():
-        sources = [p for label in ("NORMAL", "PNEUMONIA") for p in sorted((REPO.parent / "shared" / "data" / "kermany224" /
-                                                                            "test" / label).glob("*.jpeg"))] or [GOOD_IMAGE]
+        sources = [p for label in ("NORMAL", "PNEUMONIA") for p in sorted((DATA_DIR / "test" / label).glob("*.jpeg"))] or [GOOD_IMAGE]
         images.mkdir()
         for index in range(args.soak_cli_images):
             (images / f"{index:05d}_{sources[index % len(sources)].name}").symlink_to(sources[index % len(sources)])

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tests.helpers import DATA_DIR
+
 REPO = Path(__file__).resolve().parents[2]
-DATA_TEST = REPO.parent / "shared" / "data" / "kermany224" / "test"
+DATA_TEST = DATA_DIR / "test"
 EXAMPLES = REPO / "pneunet" / "examples"
 GOOD_IMAGE = EXAMPLES / "pneumonia_person1_virus_6.jpeg"  # sent after every bad case
 PATIENT_NAME = "Canary^Jane^PrivacyCheck"

@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import free_port, start_app
+from tests.helpers import DATA_DIR, free_port, start_app
 
 REPO = Path(__file__).resolve().parents[2]
-TEST_DATA = REPO.parent / "shared" / "data" / "kermany224" / "test"
+TEST_DATA = DATA_DIR / "test"
 MAX_RSS_GROWTH_PCT = 10.0
 MAX_CLI_GROWTH_MB_PER_1000 = 5.0
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)")

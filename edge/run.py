@@ -3,8 +3,8 @@ the same heatmap as the app, on numpy + Pillow + one inference runtime (never to
 
     python -m edge.run IMAGE_OR_FOLDER... [--model PATH] [--csv out.csv] [--cam OUT_DIR] [--threads N]
 
-Without ``--model`` it runs ``edge.runtime.DEFAULT_MODEL`` (edge/models/: the fp32 ONNX export of the
-shipped model until the int8 one passes the parity gate; edge/README.md). One line per
+Without ``--model`` it runs ``edge.runtime.DEFAULT_MODEL`` (edge/models/model_int8.onnx: the int8 ONNX
+export of the shipped model, which passes the parity gate; edge/README.md). One line per
 image on stdout; an unreadable file, or one the input gate refuses, gets a one-line reason on stderr,
 the rest still run, and the exit code is 1 if any file failed (as ``python -m pneunet predict``).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edge.runtime import DEFAULT_MODEL, EdgeModel, EdgeModelError
+from edge.runtime import DEFAULT_MODEL, INT8_KERNELS, EdgeModel, EdgeModelError
 from pneunet.cli import expand_paths, predict_files  # torch-free: torch is imported inside its commands
 from pneunet.heatmap import heatmap_from_features
 from pneunet.preprocessing import ImageSource, decode, load_grey, normalize, to_unit
@@ -37,6 +37,7 @@ class EdgeOptions:
     cam: Path | None = None  # folder for heatmap overlays (PNG)
     threads: int | None = None  # runtime threads (default: the runtime's own choice)
     gate: bool = True  # use the input gate when the export ships one
+    int8_kernels: str = "auto"  # int8 ONNX: "auto", "fused" or "reference" (edge.runtime.onnx_session)
 
 
 @dataclass
@@ -58,8 +59,8 @@ class EdgePredictor:
 
     @classmethod
     def load(cls, model_path: str | Path = DEFAULT_MODEL, sidecar_path: str | Path | None = None,
-             num_threads: int | None = None, gate: bool = True) -> "EdgePredictor":
-        model = EdgeModel.load(model_path, sidecar_path, num_threads)
+             num_threads: int | None = None, gate: bool = True, int8_kernels: str = "auto") -> "EdgePredictor":
+        model = EdgeModel.load(model_path, sidecar_path, num_threads, int8_kernels)
         return cls(model, _load_gate(model) if gate else None)
 
     def prepare(self, source: ImageSource) -> tuple[Image.Image, np.ndarray]:
@@ -117,7 +118,7 @@ def _load_gate(model: EdgeModel):
 
 def run(options: EdgeOptions) -> int:
     try:
-        predictor = EdgePredictor.load(options.model, options.sidecar, options.threads, options.gate)
+        predictor = EdgePredictor.load(options.model, options.sidecar, options.threads, options.gate, options.int8_kernels)
     except EdgeModelError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -137,18 +138,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="image files (JPEG, PNG, DICOM, ...) or folders")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help=".onnx or .tflite export (default: the committed fp32 ONNX, %(default)s)")
+                        help=".onnx or .tflite export (default: the committed int8 ONNX, %(default)s)")
     parser.add_argument("--sidecar", type=Path, default=None, help="sidecar JSON (default: pneunet_edge.json beside the model)")
     parser.add_argument("--csv", type=Path, default=None, help="write results to this CSV instead of stdout")
     parser.add_argument("--cam", type=Path, default=None, help="write heatmap overlays (PNG) into this folder")
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: the runtime's choice)")
     parser.add_argument("--no-gate", action="store_true", help="skip the input gate (not-an-X-ray check)")
+    parser.add_argument("--int8-kernels", choices=INT8_KERNELS, default="auto",
+                        help="int8 ONNX only: fused integer kernels, or reference arithmetic (Q/DQ unfused); auto "
+                             "(default) uses reference on x86 CPUs without VNNI, where the fused ones saturate")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    return run(EdgeOptions(args.paths, args.model, args.sidecar, args.csv, args.cam, args.threads, not args.no_gate))
+    return run(EdgeOptions(args.paths, args.model, args.sidecar, args.csv, args.cam, args.threads, not args.no_gate,
+                           args.int8_kernels))
 
 
 if __name__ == "__main__":

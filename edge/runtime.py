@@ -11,6 +11,8 @@ and quantisation parameters are read from the runtime, never assumed; the sideca
 from __future__ import annotations
 
 import json
+import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +23,25 @@ from pneunet.integrity import sha256_of
 
 SIDECAR_NAME = "pneunet_edge.json"
 SIDECAR_FORMAT = "pneunet-edge/1"
-# The default is the fp32 ONNX export: it matches PyTorch exactly (docs/export_parity.md), while the int8
-# export still misses the parity gate (label agreement 98.5 % < 99 % with conv_head and the head kept
-# float); --model picks the int8 file. Every model file is checked against the sha256 in the sidecar
-# before a runtime reads it.
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "model_fp32.onnx"
+# The default is the int8 ONNX export (a third of the fp32 file; it passes the parity gate,
+# docs/export_parity.md). Every model file is checked against the sha256 in the sidecar before a runtime
+# reads it.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "model_int8.onnx"
+INT8_KERNELS = ("auto", "fused", "reference")
+
+
+def int8_kernels_saturate(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True on x86 CPUs without VNNI. There onnxruntime's fused uint8 x int8 kernels multiply with
+    VPMADDUBSW, whose int16 pair sums saturate (255 * 127 * 2 > 32767): on PneuNet's int8 model that moved
+    logits by ~1 and cut heatmap r to 0.6 (docs/int8_variants.md). VNNI (VPDPBUSD) and ARM kernels
+    accumulate in int32 and are exact. Outside Linux the flags cannot be read: assume the worst."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    try:
+        flags = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return True
+    return re.search(r"\b(avx512_vnni|avx_vnni)\b", flags) is None
 
 
 class EdgeModelError(RuntimeError):
@@ -75,17 +91,34 @@ def _dequantise(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray
     return (scale * (values.astype(np.float32) - zero_point)).astype(np.float32)
 
 
-class _OnnxBackend:
+def onnx_session(path: Path, num_threads: int | None = None, int8_kernels: str | None = None):
+    """An onnxruntime CPU session for ``path`` and a name saying how it runs. ``int8_kernels`` (int8 models
+    only; None for float ones): "fused" integer kernels, "reference" (Q/DQ unfused), or "auto": reference
+    where the fused ones saturate (``int8_kernels_saturate``)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
     name = "onnxruntime"
+    if int8_kernels is not None:
+        if int8_kernels not in INT8_KERNELS:
+            raise EdgeModelError(f"int8 kernels {int8_kernels!r}: choose one of {', '.join(INT8_KERNELS)}")
+        if int8_kernels == "reference" or (int8_kernels == "auto" and int8_kernels_saturate()):
+            # Keep Q/DQ unfused: the same int8 values and scales, multiplied in float32, instead of the
+            # saturating integer kernels. Slower than fp32 on such CPUs, still a third of the size.
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+            name = "onnxruntime (int8, reference arithmetic: Q/DQ unfused)"
+        else:
+            name = "onnxruntime (int8, fused kernels)"
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), name
 
-    def __init__(self, path: Path, entry: dict, num_threads: int | None):
-        import onnxruntime
 
-        options = onnxruntime.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-            options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+class _OnnxBackend:
+    def __init__(self, path: Path, entry: dict, num_threads: int | None, int8_kernels: str = "auto"):
+        int8 = entry.get("precision") == "int8"
+        self.session, self.name = onnx_session(path, num_threads, int8_kernels if int8 else None)
         model_input = self.session.get_inputs()[0]
         if model_input.type != "tensor(float)":
             raise EdgeModelError(f"{path}: input type {model_input.type}; this runner feeds float32")
@@ -153,14 +186,16 @@ class EdgeModel:
 
     @classmethod
     def load(cls, model_path: str | Path = DEFAULT_MODEL, sidecar_path: str | Path | None = None,
-             num_threads: int | None = None) -> "EdgeModel":
+             num_threads: int | None = None, int8_kernels: str = "auto") -> "EdgeModel":
+        """``int8_kernels`` (int8 ONNX only): "fused" integer kernels, "reference" (Q/DQ unfused), or "auto":
+        reference where the fused ones saturate (x86 without VNNI, see ``int8_kernels_saturate``)."""
         model_path = Path(model_path)
         sidecar, entry = read_sidecar(model_path, sidecar_path)
         config = ModelConfig.from_dict(sidecar["config"])
         if config.channels != 1 and entry["input"]["layout"] != "NCHW":
             raise EdgeModelError(f"{model_path}: {config.channels}-channel NHWC input needs a transpose this runner lacks")
         if model_path.suffix == ".onnx":
-            backend = _OnnxBackend(model_path, entry, num_threads)
+            backend = _OnnxBackend(model_path, entry, num_threads, int8_kernels)
         elif model_path.suffix == ".tflite":
             backend = _TfliteBackend(model_path, entry, num_threads)
         else:

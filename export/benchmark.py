@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# "edge" runs a model as the runner would (int8 kernels "auto"); "edge-fused" forces the fused int8 kernels,
+# which saturate on x86 without VNNI (edge.runtime.int8_kernels_saturate): timed only, never used there.
 KINDS = [("PyTorch fp32", "torch", None), ("ONNX fp32", "edge", "model_fp32.onnx"), ("ONNX int8", "edge", "model_int8.onnx"),
+         ("ONNX int8, fused kernels", "edge-fused", "model_int8.onnx"),
          ("TFLite fp32", "edge", "model_fp32.tflite"), ("TFLite int8", "edge", "model_int8.tflite")]
 BATCH = 8
 
@@ -42,6 +45,7 @@ def worker(kind: str, path: str, threads: int, repeats: int) -> dict:
         from pneunet.checkpoint import load_checkpoint
 
         torch.set_num_threads(threads)
+        runtime = f"torch {torch.__version__}"
         model, config = load_checkpoint(path)
         model = model.eval().to(memory_format=torch.channels_last)  # as pneunet.predictor runs it
 
@@ -51,8 +55,8 @@ def worker(kind: str, path: str, threads: int, repeats: int) -> dict:
     else:
         from edge.runtime import EdgeModel
 
-        edge_model = EdgeModel.load(path, num_threads=threads)
-        config = edge_model.config
+        edge_model = EdgeModel.load(path, num_threads=threads, int8_kernels="fused" if kind == "edge-fused" else "auto")
+        config, runtime = edge_model.config, edge_model.runtime
         run = edge_model.run
     inputs = _inputs(max(repeats, BATCH), config)
     for warm_up in inputs[:3]:
@@ -67,7 +71,7 @@ def worker(kind: str, path: str, threads: int, repeats: int) -> dict:
     for _ in range(rounds):
         run(inputs[:BATCH])
     throughput = rounds * BATCH / (time.perf_counter() - start)
-    return {"median_ms": float(np.median(latencies)), "images_per_s_batch": float(throughput)}
+    return {"median_ms": float(np.median(latencies)), "images_per_s_batch": float(throughput), "runtime": runtime}
 
 
 def _subprocess_json(arguments: list[str]) -> dict:
@@ -119,7 +123,9 @@ def main(args: argparse.Namespace) -> int:
             runner = [sys.executable, "-m", "pneunet", "predict", str(image_dir), "--checkpoint", str(path), "--quiet"]
         else:
             runner = [sys.executable, "-m", "edge.run", str(image_dir), "--model", str(path)]
-        rows.append({"model": label, "file": str(path), "mb": path.stat().st_size / 2**20,
+            if kind == "edge-fused":
+                runner += ["--int8-kernels", "fused"]
+        rows.append({"model": label, "runtime": timings[1]["runtime"], "file": str(path), "mb": path.stat().st_size / 2**20,
                      "ms_1": timings[1]["median_ms"], "ms_2": timings[2]["median_ms"],
                      "batch_2": timings[2]["images_per_s_batch"], "rss_mb": peak_rss_mb(runner)})
     lines = [
@@ -131,11 +137,11 @@ def main(args: argparse.Namespace) -> int:
         "heatmaps off. System load average (1 min) "
         f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the run on {os.cpu_count()} logical CPUs: other "
         "processes share this machine, so compare rows with each other rather than with other reports.", "",
-        "| model | file MB | ms/image, 1 thread | ms/image, 2 threads | batch images/s (2 threads) | runner peak RSS MB |",
-        "|---|---|---|---|---|---|",
+        "| model | runs on | file MB | ms/image, 1 thread | ms/image, 2 threads | batch images/s (2 threads) | runner peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['model']} | {row['mb']:.1f} | {row['ms_1']:.1f} | {row['ms_2']:.1f} | {row['batch_2']:.1f} | {row['rss_mb']:.0f} |")
+        lines.append(f"| {row['model']} | {row['runtime']} | {row['mb']:.1f} | {row['ms_1']:.1f} | {row['ms_2']:.1f} | {row['batch_2']:.1f} | {row['rss_mb']:.0f} |")
     cpu = _cpu()
     vnni = "vnni" in cpu
     by_label = {row["model"]: row for row in rows}
@@ -148,10 +154,12 @@ def main(args: argparse.Namespace) -> int:
                            f"({b['ms_1']:.1f} vs {a['ms_1']:.1f} ms/image)")
     lines += ["", f"**This CPU ({cpu}) has {'VNNI' if vnni else 'AVX2 but no VNNI'}: int8 is smaller here, "
               f"{'and may be faster' if vnni else 'not faster'}.** " + ("; ".join(summary) + "." if summary else "")]
-    lines += ["", "Why int8 may not be faster here: x86 CPUs without AVX-512 VNNI (or AVX-VNNI) have no single "
-              "instruction for 8-bit dot products; onnxruntime's uint8 x int8 kernels use VPMADDUBSW + VPMADDWD, "
-              "and the Q/DQ conversions around each layer cost extra, so int8 mainly saves size and memory. On "
-              "ARMv8.2+ cores with dot-product instructions (Raspberry Pi 5's Cortex-A76) int8 is usually faster.", ""]
+    lines += ["", "Why int8 is not faster here: x86 CPUs without AVX-512 VNNI (or AVX-VNNI) have no instruction "
+              "for 8-bit dot products that accumulates in 32 bits. onnxruntime's fused uint8 x int8 kernels use "
+              "VPMADDUBSW, which adds pairs of products into a saturating int16: fast (the \"fused kernels\" row) but "
+              "wrong for this model (docs/int8_variants.md). So on such CPUs the runner keeps Q/DQ unfused and computes "
+              "the same quantised model in float32 (the \"ONNX int8\" row): exact, a third of the size, slower than "
+              "fp32. ARM cores (Raspberry Pi) and VNNI x86 CPUs accumulate in int32 and run the fused kernels.", ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,29 @@ from export.graph import FEATURES_NAME, INPUT_NAME, LOGIT_NAME, EdgeGraph
 
 OPSET = 17
 CALIBRATION_BATCH = 16
-# Activation ranges from the 99.99th percentile rather than min/max: a few outlier activations otherwise
-# stretch the scale and cost resolution everywhere (validation only: see FLOAT_NODE_PREFIXES). Memory:
-# onnxruntime's histogram calibrators hold every activation of every calibration image (~17 GB for 300).
-CALIBRATION_PERCENTILE = 99.99
-# Nodes kept float32 besides the classifier head (pooling, linear), by ONNX node-name prefix; chosen on
-# the 652 validation images only (edge/README.md, "Status"): conv_head makes the feature map that the
-# heatmap, the pooled logit and the input gate all read. Keeping blocks.6 float as well changed nothing
-# on validation (agreement 99.08 % either way with MinMax), so it stays int8; Percentile beat MinMax
-# (99.23 % vs 99.08 %, logit RMSE 0.40 vs 0.43).
-FLOAT_NODE_PREFIXES = ("/features/conv_head/",)
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How ``quantize_onnx_int8`` quantises: weight type, activation-range method, nodes kept float."""
+
+    weights: str = "int8"  # "int8": symmetric per-channel (onnxruntime's default); "uint8": asymmetric
+    calibration: str = "percentile"  # "percentile" (99.99th) or "minmax"
+    float_prefixes: tuple[str, ...] = ()  # ONNX node-name prefixes kept float32, besides the head
+
+    @property
+    def label(self) -> str:
+        floats = " + ".join(prefix.strip("/").split("/")[-1] for prefix in self.float_prefixes) or "none"
+        return f"{self.weights} weights, {self.calibration}, float besides head: {floats}"
+
+
+# Chosen on the 652 validation images only (docs/int8_variants.md, python -m export.int8_variants): int8
+# symmetric per-channel weights (uint8 weights skip onnxruntime's int32-bias range fix: biases overflow
+# and are clipped, logit shift +0.3), percentile ranges (a few outlier activations otherwise stretch the
+# scales: lower logit RMSE and better heatmaps than min/max), everything int8 but the head (keeping
+# conv_head float changed nothing on validation and costs 1.2 MB).
+INT8_RECIPE = Int8Recipe()
+CALIBRATION_PERCENTILE = 99.99  # onnxruntime's histogram calibrator holds every activation: ~17 GB for 300 images
 
 
 def export_onnx_fp32(graph: EdgeGraph, image_size: int, channels: int, path: Path) -> None:
@@ -55,17 +69,12 @@ class _CalibrationReader:
         return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
 
 
-def quantize_onnx_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> dict:
-    """Static QDQ quantisation: uint8 asymmetric activations and uint8 asymmetric per-channel weights,
-    percentile ranges from ``calibration`` (real preprocessed training images). Returns the quantisation
-    facts for the sidecar, including the input's scale and zero point.
-
-    Why uint8 weights, not int8: x86 CPUs without VNNI run uint8 x int8 products with VPMADDUBSW, whose
-    int16 pair sums saturate with full-range int8 weights (on a trained Lite0: heatmap r 0.76 against
-    fp32); the usual cure, 7-bit weights (``reduce_range``), costs accuracy here (heatmap r 0.92), while
-    uint8 x uint8 kernels do not saturate and match onnxruntime's reference arithmetic (heatmap r 0.985,
-    logit r 0.995, measured on 32 validation images).
-    """
+def quantize_onnx_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, recipe: Int8Recipe = INT8_RECIPE) -> dict:
+    """Static QDQ quantisation: uint8 asymmetric activations, per-channel weights as ``recipe`` says,
+    ranges from ``calibration`` (real preprocessed training images). The head after the feature map
+    stays float. Returns the quantisation facts for the sidecar, including the input's scale and zero
+    point. On x86 CPUs without VNNI the runner runs this model with reference arithmetic
+    (``edge.runtime.int8_kernels_saturate``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -74,31 +83,37 @@ def quantize_onnx_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray
         # Shape inference + graph optimisation first (BN folding, constant folding of the pad tables),
         # as onnxruntime recommends; quantising an unoptimised graph places Q/DQ pairs badly.
         quant_pre_process(str(fp32_path), str(prepared))
-        float_nodes = _float_nodes(prepared)
+        float_nodes = _float_nodes(prepared, recipe.float_prefixes)
+        percentile = recipe.calibration == "percentile"
         quantize_static(
             str(prepared), str(int8_path), _CalibrationReader(calibration),
             quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
-            calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8 if recipe.weights == "int8" else QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.Percentile if percentile else CalibrationMethod.MinMax,
+            extra_options={"CalibPercentile": CALIBRATION_PERCENTILE} if percentile else {},
             nodes_to_exclude=float_nodes,
         )
     scale, zero_point = _input_quantisation(int8_path)
+    weights = ("int8, symmetric, per-channel" if recipe.weights == "int8" else "uint8, asymmetric, per-channel")
     return {
         "tool": "onnxruntime.quantization.quantize_static",
         "format": "QDQ",
         "activations": "uint8, asymmetric, per-tensor",
-        "weights": "uint8, asymmetric, per-channel (uint8 x uint8 kernels: no VPMADDUBSW saturation on x86 without VNNI)",
-        "calibration_method": f"Percentile {CALIBRATION_PERCENTILE}",
-        "float_nodes": "the classifier head after the feature map (pooling, linear: the logit stays float) and "
-                       + ", ".join(f"{prefix}*" for prefix in FLOAT_NODE_PREFIXES) + " (the feature map stays float)",
+        "weights": weights,
+        "calibration_method": f"Percentile {CALIBRATION_PERCENTILE}" if percentile else "MinMax",
+        "float_nodes": "the classifier head after the feature map (pooling, linear: the logit stays float)"
+                       + "".join(f", {prefix}*" for prefix in recipe.float_prefixes),
         "float_node_names": float_nodes,
         "input_scale": scale,
         "input_zero_point": zero_point,
         "io": "float32 in, float32 out (Q/DQ inside the graph)",
+        "kernels": "x86 without VNNI: run with Q/DQ unfused (fused uint8 x int8 kernels saturate there); "
+                   "ARM and x86 with VNNI: fused int8 kernels (edge.runtime.int8_kernels_saturate)",
     }
 
 
-def _float_nodes(path: Path, float_prefixes: tuple[str, ...] = FLOAT_NODE_PREFIXES) -> list[str]:
+def _float_nodes(path: Path, float_prefixes: tuple[str, ...]) -> list[str]:
     """The head (everything downstream of the feature map) plus every node whose name starts with one
     of ``float_prefixes``: the nodes quantize_static leaves in float."""
     import onnx
@@ -107,8 +122,9 @@ def _float_nodes(path: Path, float_prefixes: tuple[str, ...] = FLOAT_NODE_PREFIX
     chosen = [name for name in names if any(name.startswith(prefix) for prefix in float_prefixes)]
     missing = [prefix for prefix in float_prefixes if not any(name.startswith(prefix) for name in names)]
     if missing:
-        raise RuntimeError(f"{path}: no nodes named {missing}*; the graph changed, update FLOAT_NODE_PREFIXES")
-    return _head_nodes(path) + [name for name in chosen if name not in _head_nodes(path)]
+        raise RuntimeError(f"{path}: no nodes named {missing}*; the graph changed, update the int8 recipe")
+    head = _head_nodes(path)
+    return head + [name for name in chosen if name not in head]
 
 
 def _head_nodes(path: Path) -> list[str]:

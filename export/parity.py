@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 from edge.runtime import SIDECAR_NAME, EdgeModel
 from pneunet.cam import class_activation_map
 from pneunet.checkpoint import load_checkpoint
+from pneunet.gate import InputGate
 from pneunet.heatmap import heatmap_from_features
 from pneunet.preprocessing import preprocess
 from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split, subsample
@@ -44,22 +45,24 @@ FP32_GATE = Gate(max_probability_diff=1e-4, min_heatmap_r=0.999)
 INT8_GATE = Gate(min_label_agreement=0.99, max_accuracy_drop=0.005, max_auc_drop=0.005, min_heatmap_r=0.95)
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
     denominator = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
 
 
-def reference(checkpoint: Path, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """PyTorch fp32 logits and heatmaps exactly as the app computes them (gradient-free CAM)."""
-    model, config = load_checkpoint(checkpoint)
-    logits, maps = [], []
+def reference(checkpoint: Path, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch fp32 logits, heatmaps exactly as the app computes them (gradient-free CAM), and pooled
+    features (what the input gate's feature check reads)."""
+    model, _ = load_checkpoint(checkpoint)
+    logits, maps, pooled = [], [], []
     with torch.inference_mode():
         for start in range(0, len(inputs), BATCH):
             batch = torch.from_numpy(inputs[start:start + BATCH])
             logits.append(model(batch).numpy())
             maps.append(class_activation_map(model, batch).numpy())
-    return np.concatenate(logits), np.concatenate(maps), json.loads(config.to_json())
+            pooled.append(model.features(batch).mean(dim=(2, 3)).numpy())
+    return np.concatenate(logits), np.concatenate(maps), np.concatenate(pooled)
 
 
 def _metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict:
@@ -69,17 +72,22 @@ def _metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) ->
 
 
 def compare(model: EdgeModel, inputs: np.ndarray, labels: np.ndarray, splits: np.ndarray,
-            ref_logits: np.ndarray, ref_maps: np.ndarray) -> dict:
-    """Metrics of one exported model and its differences from the reference, per split and overall."""
-    logits, correlations = [], []
+            ref_logits: np.ndarray, ref_maps: np.ndarray, ref_pooled: np.ndarray, gate=None) -> dict:
+    """Metrics of one exported model and its differences from the reference, per split and overall;
+    with ``gate`` (the input gate), also how often its feature check refuses these X-rays either way."""
+    logits, correlations, pooled = [], [], []
     size = (model.config.image_size, model.config.image_size)
     for start in range(0, len(inputs), BATCH):
         batch_logits, batch_features = model.run(inputs[start:start + BATCH])
         logits.append(batch_logits)
+        pooled.append(batch_features.mean(axis=(2, 3)))
         for offset, features in enumerate(batch_features):
             heat = heatmap_from_features(features, model.classifier_weight, size)
-            correlations.append(_pearson(heat, ref_maps[start + offset]))
+            correlations.append(pearson(heat, ref_maps[start + offset]))
     logits, correlations = np.concatenate(logits), np.asarray(correlations)
+    if gate is not None:
+        refused = gate.distance(np.concatenate(pooled)) > gate.threshold
+        ref_refused = gate.distance(ref_pooled) > gate.threshold
     probabilities = model.pneumonia_probability(logits)
     ref_probabilities = model.pneumonia_probability(ref_logits)
     threshold = model.config.threshold
@@ -105,6 +113,9 @@ def compare(model: EdgeModel, inputs: np.ndarray, labels: np.ndarray, splits: np
             "heatmap_r_min": float(correlations[valid].min()),
             "heatmap_r_undefined": int((chosen & ~np.isfinite(correlations)).sum()),  # a flat (all-zero) map
         }
+        if gate is not None:
+            result[split]["gate_refusals"] = {"exported": int(refused[chosen].sum()), "pytorch_fp32": int(ref_refused[chosen].sum()),
+                                              "disagreements": int((refused != ref_refused)[chosen].sum())}
     return result
 
 
@@ -137,7 +148,9 @@ def run_parity(checkpoint: Path, models_dir: Path, limit: int | None = None) -> 
     labels, splits, files, _ = load_examples(limit)
     model_config = EdgeModel.load(models_dir / next(iter(sidecar["models"]))).config
     inputs = np.stack([preprocess(path, model_config) for path in files]).astype(np.float32)
-    ref_logits, ref_maps, _ = reference(checkpoint, inputs)
+    ref_logits, ref_maps, ref_pooled = reference(checkpoint, inputs)
+    gate_file = models_dir / sidecar["gate"]["file"] if sidecar.get("gate") else None
+    gate = InputGate.load(gate_file) if gate_file is not None and gate_file.is_file() else None
     report = {"checkpoint_sha256": sidecar["source_checkpoint"]["sha256"], "images": {
         "val": int((splits == "val").sum()), "test": int((splits == "test").sum())}, "limit": limit,
         "gates": {"fp32": FP32_GATE.__dict__, "int8": INT8_GATE.__dict__}, "models": {}}
@@ -146,7 +159,7 @@ def run_parity(checkpoint: Path, models_dir: Path, limit: int | None = None) -> 
         if not path.is_file():
             continue
         edge_model = EdgeModel.load(path, num_threads=2)
-        row = compare(edge_model, inputs, labels, splits, ref_logits, ref_maps)
+        row = compare(edge_model, inputs, labels, splits, ref_logits, ref_maps, ref_pooled, gate)
         row["runtime"] = edge_model.runtime
         row["bytes"] = entry.get("bytes")
         row["quantization"] = entry.get("quantization")
@@ -189,6 +202,12 @@ def markdown(report: dict, command: str) -> str:
                 f"{r['max_probability_diff']:.2e} / {r['mean_probability_diff']:.2e} | "
                 f"{r['heatmap_r_mean']:.4f} / {r['heatmap_r_p5']:.4f} / {r['heatmap_r_min']:.4f} | "
                 f"{verdict if split == 'all' else ''} |")
+    gate_lines = [f"- `{name}`: refuses {row['all']['gate_refusals']['exported']} (PyTorch: "
+                  f"{row['all']['gate_refusals']['pytorch_fp32']}), {row['all']['gate_refusals']['disagreements']} disagreements"
+                  for name, row in report["models"].items() if "gate_refusals" in row["all"]]
+    if gate_lines:
+        lines += ["", f"Input gate, feature check (the export's pooled features vs PyTorch's), on these "
+                  f"{report['images']['val'] + report['images']['test']} X-rays, which it should all accept:", ""] + gate_lines
     notes = []
     for name, row in report["models"].items():
         quantization = row.get("quantization")

@@ -93,11 +93,11 @@ def test_sidecar_is_complete(exported):
     quantization = sidecar["models"]["model_int8.onnx"]["quantization"]
     assert quantization["format"] == "QDQ" and quantization["calibration_split"] == "train"
     assert 0 < quantization["input_scale"] < 1 and 0 <= quantization["input_zero_point"] <= 255
-    # the feature map (conv_head) and the classifier head stay float; every block before them is int8
+    # the classifier head (pooling, linear: the logit) stays float; every convolution is int8
     floats = quantization["float_node_names"]
-    assert any(name.startswith("/features/conv_head/") for name in floats)
-    assert any(name.startswith("/head/") for name in floats)
-    assert not any(name.startswith("/features/blocks/") for name in floats)
+    assert any(name.startswith("/head/") for name in floats), floats
+    assert not any(name.startswith("/features/") for name in floats), floats
+    assert "VNNI" in quantization["kernels"]
 
 
 def test_tflite_float_module_filter_keeps_only_the_named_modules_float():

@@ -3,8 +3,9 @@ the same heatmap as the app, on numpy + Pillow + one inference runtime (never to
 
     python -m edge.run IMAGE_OR_FOLDER... [--model PATH] [--csv out.csv] [--cam OUT_DIR] [--threads N]
 
-Without ``--model`` it runs ``edge.runtime.DEFAULT_MODEL`` (edge/models/model_int8.onnx: the int8 ONNX
-export of the shipped model, which passes the parity gate; edge/README.md). One line per
+Without ``--model`` it runs the committed int8 export of the shipped model (edge/models/model_int8.onnx,
+or model_int8.tflite where only a TFLite runtime is installed: ``edge.runtime.default_model``; both pass
+the parity gate, edge/README.md). One line per
 image on stdout; an unreadable file, or one the input gate refuses, gets a one-line reason on stderr,
 the rest still run, and the exit code is 1 if any file failed (as ``python -m pneunet predict``).
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edge.runtime import DEFAULT_MODEL, INT8_KERNELS, EdgeModel, EdgeModelError
+from edge.runtime import DEFAULT_MODEL, INT8_KERNELS, EdgeModel, EdgeModelError, default_model
 from pneunet.cli import expand_paths, predict_files  # torch-free: torch is imported inside its commands
 from pneunet.heatmap import heatmap_from_features
 from pneunet.preprocessing import ImageSource, decode, load_grey, normalize, to_unit
@@ -31,7 +32,7 @@ class EdgeOptions:
     """What ``python -m edge.run`` was asked to do."""
 
     paths: list[str]
-    model: Path = DEFAULT_MODEL
+    model: Path | None = None  # default: edge.runtime.default_model()
     sidecar: Path | None = None  # default: pneunet_edge.json beside the model
     csv: Path | None = None
     cam: Path | None = None  # folder for heatmap overlays (PNG)
@@ -118,13 +119,14 @@ def _load_gate(model: EdgeModel):
 
 def run(options: EdgeOptions) -> int:
     try:
-        predictor = EdgePredictor.load(options.model, options.sidecar, options.threads, options.gate, options.int8_kernels)
+        model_path = options.model or default_model()
+        predictor = EdgePredictor.load(model_path, options.sidecar, options.threads, options.gate, options.int8_kernels)
     except EdgeModelError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     verdict = predictor.model.entry.get("parity_gate") or {}
     if verdict.get("result") == "fail":
-        print(f"warning: {options.model} failed its parity gate against PyTorch at export "
+        print(f"warning: {model_path} failed its parity gate against PyTorch at export "
               f"({'; '.join(verdict.get('failures', []))}); see parity.json beside it", file=sys.stderr)
     files, _ = expand_paths(options.paths)
     if not files:
@@ -137,8 +139,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edge.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="image files (JPEG, PNG, DICOM, ...) or folders")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help=".onnx or .tflite export (default: the committed int8 ONNX, %(default)s)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help=".onnx or .tflite export (default: the committed int8 export, edge/models/model_int8.onnx, "
+                             "or model_int8.tflite where only a TFLite runtime is installed)")
     parser.add_argument("--sidecar", type=Path, default=None, help="sidecar JSON (default: pneunet_edge.json beside the model)")
     parser.add_argument("--csv", type=Path, default=None, help="write results to this CSV instead of stdout")
     parser.add_argument("--cam", type=Path, default=None, help="write heatmap overlays (PNG) into this folder")

@@ -10,6 +10,7 @@ and quantisation parameters are read from the runtime, never assumed; the sideca
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import re
@@ -23,11 +24,23 @@ from pneunet.integrity import sha256_of
 
 SIDECAR_NAME = "pneunet_edge.json"
 SIDECAR_FORMAT = "pneunet-edge/1"
-# The default is the int8 ONNX export (a third of the fp32 file; it passes the parity gate,
-# docs/export_parity.md). Every model file is checked against the sha256 in the sidecar before a runtime
-# reads it.
+# The default is the int8 export (a third of the fp32 file; both int8 files pass the parity gate,
+# docs/export_parity.md): ONNX, or TFLite where only a TFLite runtime is installed (``default_model``).
+# Every model file is checked against the sha256 in the sidecar before a runtime reads it.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "model_int8.onnx"
+DEFAULT_TFLITE_MODEL = DEFAULT_MODEL.with_suffix(".tflite")
 INT8_KERNELS = ("auto", "fused", "reference")
+
+
+def default_model() -> Path:
+    """The committed int8 export for the runtime that is installed: ONNX with onnxruntime, else TFLite
+    with ai-edge-litert or tflite-runtime (else ONNX, whose loader then says what to install)."""
+    def installed(module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
+    if not installed("onnxruntime") and (installed("ai_edge_litert") or installed("tflite_runtime")):
+        return DEFAULT_TFLITE_MODEL
+    return DEFAULT_MODEL
 
 
 def int8_kernels_saturate(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -125,7 +138,9 @@ class _OnnxBackend:
         self.input_name = model_input.name
         self.input_shape = model_input.shape  # e.g. ['batch', 1, 224, 224]
         self.outputs = [entry["outputs"]["pneumonia_logit"]["name"], entry["outputs"]["features"]["name"]]
-        self.max_batch = None if not isinstance(self.input_shape[0], int) else self.input_shape[0]
+        # One image per run even with a dynamic batch axis: on a CPU a batch was no faster per image here,
+        # and its activations raise the runner's peak memory (6 images: 187 MB, one at a time: 133 MB).
+        self.max_batch = 1
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shape = [len(batch)] + [int(d) for d in self.input_shape[1:]]

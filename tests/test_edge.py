@@ -13,7 +13,8 @@ import pytest
 
 from edge.run import EdgePredictor, main
 from edge import runtime
-from edge.runtime import DEFAULT_MODEL, SIDECAR_NAME, EdgeModel, EdgeModelError, int8_kernels_saturate, sha256_of
+from edge.runtime import (DEFAULT_MODEL, DEFAULT_TFLITE_MODEL, SIDECAR_NAME, EdgeModel, EdgeModelError, default_model,
+                          int8_kernels_saturate, sha256_of)
 from tests.helpers import EXAMPLES, REPO_ROOT
 
 MODELS = DEFAULT_MODEL.parent
@@ -36,12 +37,13 @@ def test_committed_export_belongs_to_shipped_model():
     sidecar = json.loads((MODELS / SIDECAR_NAME).read_text())
     if SHIPPED.is_file():
         assert sidecar["source_checkpoint"]["sha256"] == sha256_of(SHIPPED), "edge/models is stale: re-export"
-    # The ONNX exports are committed (TFLite ones are not; see edge/README.md).
-    for name in ("model_fp32.onnx", "model_int8.onnx"):
-        assert sidecar["models"][name]["sha256"] == sha256_of(MODELS / name)
-    assert (MODELS / "model_int8.onnx").stat().st_size <= 5 * 2**20  # a few MB: fits an SD card and a git repo
+    # Committed: both ONNX exports and the int8 TFLite one (the fp32 TFLite file is 13 MB; python -m export).
     parity = json.loads((MODELS / "parity.json").read_text())
-    assert parity["models"][DEFAULT_MODEL.name]["gate_failures"] == []  # the default passed the parity gate
+    for name in ("model_fp32.onnx", "model_int8.onnx", "model_int8.tflite"):
+        assert sidecar["models"][name]["sha256"] == sha256_of(MODELS / name)
+        assert parity["models"][name]["gate_failures"] == [], f"{name} failed its parity gate"
+    for name in ("model_int8.onnx", "model_int8.tflite"):
+        assert (MODELS / name).stat().st_size <= 5_000_000  # a few MB: fits an SD card and a git repo
 
 
 def test_cli_on_files_folder_and_bad_inputs(tmp_path, capsys):
@@ -176,3 +178,29 @@ def test_int8_model_runs_with_reference_arithmetic_where_fused_kernels_saturate(
     np.testing.assert_allclose(auto.run(inputs)[0], expected, atol=1e-5)
     with pytest.raises(EdgeModelError, match="choose one of"):
         EdgeModel.load(DEFAULT_MODEL, int8_kernels="fast")
+
+
+def test_default_model_follows_the_installed_runtime(monkeypatch):
+    assert default_model() == DEFAULT_MODEL  # onnxruntime is installed here
+    real_find_spec = runtime.importlib.util.find_spec
+    monkeypatch.setattr(runtime.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxruntime" else real_find_spec(name, *args))
+    assert default_model() == DEFAULT_TFLITE_MODEL  # a Pi with only ai-edge-litert gets the int8 TFLite file
+
+
+def test_int8_tflite_export_agrees_with_int8_onnx_export():
+    """The two committed int8 files give the same labels and close probabilities and heatmaps."""
+    require_committed_export()
+    onnx = EdgePredictor.load(DEFAULT_MODEL, gate=False)
+    tflite = EdgePredictor.load(DEFAULT_TFLITE_MODEL, gate=False)
+    assert tflite.model.runtime in ("ai-edge-litert", "tflite-runtime")
+    inputs = np.stack([onnx.prepare(path)[1] for path in EXAMPLE_FILES])
+    pairs = list(zip(onnx.predict_inputs(inputs, heatmap=True), tflite.predict_inputs(inputs, heatmap=True)))
+    threshold = onnx.config.threshold
+    for a, b in pairs:
+        assert abs(a.pneumonia_probability - b.pneumonia_probability) < 0.05
+        # a borderline image (PyTorch 0.678, ONNX int8 0.666, TFLite int8 0.633 at threshold 0.649) may flip
+        if min(abs(a.pneumonia_probability - threshold), abs(b.pneumonia_probability - threshold)) > 0.05:
+            assert a.label == b.label
+    assert sum(a.label == b.label for a, b in pairs) >= len(pairs) - 1
+    assert np.mean([np.corrcoef(a.heatmap.ravel(), b.heatmap.ravel())[0, 1] for a, b in pairs]) >= 0.95

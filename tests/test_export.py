@@ -1,6 +1,6 @@
 """Export: frozen padding is exact, ONNX fp32 matches PyTorch, int8 agrees, the sidecar is complete,
 and the runner's heatmap equals the app's. Exports the shipped model (or $PNEUNET_CHECKPOINT) live,
-ONNX only (TFLite conversion needs the converter environment; the committed .tflite files are tested
+ONNX only (TFLite conversion needs the converter environment; the committed int8 .tflite file is tested
 in test_edge.py).
 """
 

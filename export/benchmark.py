@@ -125,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
             runner = [sys.executable, "-m", "edge.run", str(image_dir), "--model", str(path)]
             if kind == "edge-fused":
                 runner += ["--int8-kernels", "fused"]
-        rows.append({"model": label, "runtime": timings[1]["runtime"], "file": str(path), "mb": path.stat().st_size / 2**20,
+        rows.append({"model": label, "runtime": timings[1]["runtime"], "file": str(path), "mb": path.stat().st_size / 1e6,
                      "ms_1": timings[1]["median_ms"], "ms_2": timings[2]["median_ms"],
                      "batch_2": timings[2]["images_per_s_batch"], "rss_mb": peak_rss_mb(runner)})
     lines = [
@@ -149,8 +149,9 @@ def main(args: argparse.Namespace) -> int:
     for fp32, int8 in (("ONNX fp32", "ONNX int8"), ("TFLite fp32", "TFLite int8")):
         if fp32 in by_label and int8 in by_label:
             a, b = by_label[fp32], by_label[int8]
-            summary.append(f"{int8} is {a['mb'] / b['mb']:.1f}x smaller than {fp32} and "
-                           f"{'faster' if b['ms_1'] < a['ms_1'] else 'slower'} on 1 thread "
+            ratio = b["ms_1"] / a["ms_1"]
+            speed = "about as fast" if abs(ratio - 1) < 0.05 else ("faster" if ratio < 1 else "slower")
+            summary.append(f"{int8} is {a['mb'] / b['mb']:.1f}x smaller than {fp32} and {speed} on 1 thread "
                            f"({b['ms_1']:.1f} vs {a['ms_1']:.1f} ms/image)")
     lines += ["", f"**This CPU ({cpu}) has {'VNNI' if vnni else 'AVX2 but no VNNI'}: int8 is smaller here, "
               f"{'and may be faster' if vnni else 'not faster'}.** " + ("; ".join(summary) + "." if summary else "")]

@@ -133,7 +133,7 @@ def markdown(result: dict, command: str) -> str:
         "- **fused** = onnxruntime's integer kernels. On x86 without VNNI they multiply uint8 activations by "
         "int8 weights with VPMADDUBSW, which adds pairs of products into a saturating int16 (255 x 127 x 2 > "
         "32767): large logit errors and broken heatmaps here. uint8 weights use uint8 x uint8 kernels that "
-        "do not saturate but are not fused in QDQ form (slow). ARM and VNNI CPUs accumulate in int32.",
+        "do not saturate but took 10x longer here. ARM and VNNI CPUs accumulate in int32.",
         "- **reference** = the same quantised model with Q/DQ left unfused (`session.disable_quant_qdq`): "
         "what the quantisation itself costs. The edge runner uses it on x86 without VNNI "
         "(`edge.runtime.int8_kernels_saturate`) and the fused kernels elsewhere.",

@@ -28,8 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pneunet.checkpoint import save_checkpoint, sha256_of
-from pneunet.config import ModelConfig
-from pneunet.models import LITE0_WEIGHTS_ENV, REGISTRY, PneuNetModel, build_model, default_config, get_spec, load_pretrained
+from pneunet.models import LITE0_WEIGHTS_ENV, REGISTRY, build_model, default_config, get_spec, load_pretrained
 from training import metrics
 from training.data import (DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, XrayDataset, load_images,
                            read_split, subsample, training_augmentation)

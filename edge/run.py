@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edge.runtime import DEFAULT_MODEL, INT8_KERNELS, EdgeModel, EdgeModelError, default_model
+from edge.runtime import INT8_KERNELS, EdgeModel, EdgeModelError
 from pneunet.cli import expand_paths, predict_files  # torch-free: torch is imported inside its commands
 from pneunet.heatmap import heatmap_from_features
 from pneunet.preprocessing import ImageSource, decode, load_grey, normalize, to_unit
@@ -59,7 +59,7 @@ class EdgePredictor:
         self.model, self.config, self.gate = model, model.config, gate
 
     @classmethod
-    def load(cls, model_path: str | Path = DEFAULT_MODEL, sidecar_path: str | Path | None = None,
+    def load(cls, model_path: str | Path | None = None, sidecar_path: str | Path | None = None,
              num_threads: int | None = None, gate: bool = True, int8_kernels: str = "auto") -> "EdgePredictor":
         model = EdgeModel.load(model_path, sidecar_path, num_threads, int8_kernels)
         return cls(model, _load_gate(model) if gate else None)
@@ -119,14 +119,13 @@ def _load_gate(model: EdgeModel):
 
 def run(options: EdgeOptions) -> int:
     try:
-        model_path = options.model or default_model()
-        predictor = EdgePredictor.load(model_path, options.sidecar, options.threads, options.gate, options.int8_kernels)
+        predictor = EdgePredictor.load(options.model, options.sidecar, options.threads, options.gate, options.int8_kernels)
     except EdgeModelError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     verdict = predictor.model.entry.get("parity_gate") or {}
     if verdict.get("result") == "fail":
-        print(f"warning: {model_path} failed its parity gate against PyTorch at export "
+        print(f"warning: {predictor.model.path} failed its parity gate against PyTorch at export "
               f"({'; '.join(verdict.get('failures', []))}); see parity.json beside it", file=sys.stderr)
     files, _ = expand_paths(options.paths)
     if not files:

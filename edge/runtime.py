@@ -139,7 +139,8 @@ class _OnnxBackend:
         self.input_shape = model_input.shape  # e.g. ['batch', 1, 224, 224]
         self.outputs = [entry["outputs"]["pneumonia_logit"]["name"], entry["outputs"]["features"]["name"]]
         # One image per run even with a dynamic batch axis: on a CPU a batch was no faster per image here,
-        # and its activations raise the runner's peak memory (6 images: 187 MB, one at a time: 133 MB).
+        # and its activations raise the runner's peak memory (measured once with /usr/bin/time on the six
+        # examples: 187 MB as one batch; docs/edge_benchmark.md has the one-at-a-time runner).
         self.max_batch = 1
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,11 +201,10 @@ class EdgeModel:
     backend: object
 
     @classmethod
-    def load(cls, model_path: str | Path = DEFAULT_MODEL, sidecar_path: str | Path | None = None,
+    def load(cls, model_path: str | Path | None = None, sidecar_path: str | Path | None = None,
              num_threads: int | None = None, int8_kernels: str = "auto") -> "EdgeModel":
-        """``int8_kernels`` (int8 ONNX only): "fused" integer kernels, "reference" (Q/DQ unfused), or "auto":
-        reference where the fused ones saturate (x86 without VNNI, see ``int8_kernels_saturate``)."""
-        model_path = Path(model_path)
+        """``model_path`` defaults to ``default_model()``; ``int8_kernels``: see ``onnx_session``."""
+        model_path = Path(model_path or default_model())
         sidecar, entry = read_sidecar(model_path, sidecar_path)
         config = ModelConfig.from_dict(sidecar["config"])
         if config.channels != 1 and entry["input"]["layout"] != "NCHW":

@@ -31,6 +31,7 @@ from pneunet.checkpoint import load_checkpoint
 from pneunet.heatmap import heatmap_from_features
 from pneunet.preprocessing import preprocess
 from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split
+from training.metrics import sigmoid
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_BYTES = 5_000_000
@@ -67,8 +68,8 @@ def _median_ms(session, one: np.ndarray, repeats: int = 20) -> float:
 def compare(logits, features, ref_logits, ref_features, weight, config) -> dict:
     """Agreement, logit error and heatmap r of one run against fp32."""
     size = (config.image_size, config.image_size)
-    labels = 1 / (1 + np.exp(-logits / config.temperature)) >= config.threshold
-    ref_labels = 1 / (1 + np.exp(-ref_logits / config.temperature)) >= config.threshold
+    labels = sigmoid(logits / config.temperature) >= config.threshold
+    ref_labels = sigmoid(ref_logits / config.temperature) >= config.threshold
     r = [pearson(heatmap_from_features(a, weight, size), heatmap_from_features(b, weight, size))
          for a, b in zip(features, ref_features)]
     difference = logits - ref_logits

@@ -86,8 +86,8 @@ def compare(model: EdgeModel, inputs: np.ndarray, labels: np.ndarray, splits: np
             correlations.append(pearson(heat, ref_maps[start + offset]))
     logits, correlations = np.concatenate(logits), np.asarray(correlations)
     if gate is not None:
-        refused = gate.distance(np.concatenate(pooled)) > gate.threshold
-        ref_refused = gate.distance(ref_pooled) > gate.threshold
+        refused = gate.features_refused(np.concatenate(pooled))
+        ref_refused = gate.features_refused(ref_pooled)
     probabilities = model.pneumonia_probability(logits)
     ref_probabilities = model.pneumonia_probability(ref_logits)
     threshold = model.config.threshold
@@ -155,7 +155,7 @@ def run_parity(checkpoint: Path, models_dir: Path, limit: int | None = None) -> 
         from training.non_xrays import non_xray_images
 
         others = np.stack([preprocess(image, model_config) for _, _, image in non_xray_images()]).astype(np.float32)
-        other_refused = gate.distance(reference(checkpoint, others)[2]) > gate.threshold
+        other_refused = gate.features_refused(reference(checkpoint, others)[2])
     report = {"checkpoint_sha256": sidecar["source_checkpoint"]["sha256"], "images": {
         "val": int((splits == "val").sum()), "test": int((splits == "test").sum())}, "limit": limit,
         "gates": {"fp32": FP32_GATE.__dict__, "int8": INT8_GATE.__dict__}, "models": {}}
@@ -170,8 +170,7 @@ def run_parity(checkpoint: Path, models_dir: Path, limit: int | None = None) -> 
         row["quantization"] = entry.get("quantization")
         row["gate_failures"] = check_gate(row["all"], INT8_GATE if entry["precision"] == "int8" else FP32_GATE)
         if gate is not None:
-            pooled = edge_model.run(others)[1].mean(axis=(2, 3))
-            refused = gate.distance(pooled) > gate.threshold
+            refused = gate.features_refused(edge_model.run(others)[1].mean(axis=(2, 3)))
             row["non_xray_feature_refusals"] = {"images": len(others), "exported": int(refused.sum()),
                                                 "pytorch_fp32": int(other_refused.sum()),
                                                 "disagreements": int((refused != other_refused).sum())}

@@ -29,7 +29,8 @@ from pneunet.checkpoint import load_checkpoint
 # Kept float32 in the int8 model, as in the ONNX int8 export (export.onnx_export.INT8_RECIPE): the
 # classifier head (pooling + linear: the logit). Module paths inside PneuNetModel. conv_head (the 1x1
 # convolution that makes the feature map) is int8: keeping it float changed nothing on the 652 validation
-# images (agreement 99.39 %, logit RMSE 0.233, heatmap r 0.975 either way) and made the file 5.2 MB, not 4.0.
+# images (agreement 99.39 %, logit RMSE 0.233, heatmap r 0.975 either way; a one-off comparison, not a repo
+# script) and made the file 5.2 MB, not 4.0.
 FLOAT_MODULES = ("head",)
 
 
@@ -54,7 +55,8 @@ def _move_relu6_observers(model, node_filter) -> None:
     Why: litert-torch's "conv_relu" pattern knows only aten.relu; EfficientNet-Lite's ReLU6 is aten.hardtanh,
     which its propagate_annotation makes *share* the convolution's observer. The clamped [0, 6] output then
     gets the pre-activation scale (e.g. [-67, 81]: ~23 of 256 levels left, 8 after some depthwise convs),
-    which cost ~6x the error the quantisation needs (validation logit RMSE 1.49, bias -1.09). Observing the
+    which cost ~6x the error the quantisation needs (validation logit RMSE 1.49, bias -1.09, measured once
+    outside the repo; docs/export_parity.md before the fix: agreement 98.16 %, heatmap r 0.849). Observing the
     ReLU6 output instead, as "conv_relu" does for ReLU, gives TFLite's fused conv + RELU6 its real range.
     """
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation

@@ -232,6 +232,10 @@ class InputGate:
                         f"{distance:.2f} from the training X-rays, limit {self.appearance.threshold:.2f}). {REFUSAL_ADVICE}")
         return None
 
+    def features_refused(self, pooled: np.ndarray) -> np.ndarray:
+        """Per image (rows of ``pooled``): whether the feature check refuses it."""
+        return self.distance(pooled) > self.threshold
+
     def feature_refusal(self, distance: float) -> str | None:
         """Why an image with this feature distance is refused, or None."""
         if distance > self.threshold:

@@ -197,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
     for name, row in report["models"].items():
         sidecar["models"][name]["parity_gate"] = {
             "result": "fail" if row["gate_failures"] else "pass", "failures": row["gate_failures"],
-            "images": report["images"], "limit": report["limit"], "report": "parity.json"}
+            "images": report["images"], "limit": report["limit"], "report": report["file"]}
     sidecar_file.write_text(json.dumps(sidecar, indent=2) + "\n")
     failed = {name: row["gate_failures"] for name, row in report["models"].items() if row["gate_failures"]}
     blocking = {name for name in failed if name.endswith(".onnx") or args.require_tflite}

@@ -142,8 +142,13 @@ def load_examples(limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.
             [DEFAULT_DATA_DIR / e.path for e in examples], [e.path for e in examples])
 
 
+def parity_file_name(limit: int | None) -> str:
+    return "parity.json" if limit is None else "parity_quick.json"
+
+
 def run_parity(checkpoint: Path, models_dir: Path, limit: int | None = None) -> dict:
-    """Parity of every model listed in ``models_dir``'s sidecar; writes ``models_dir/parity.json``."""
+    """Parity of every model listed in ``models_dir``'s sidecar; writes ``models_dir/parity.json`` (a quick
+    ``limit`` run writes ``parity_quick.json``, so it never replaces the full record)."""
     sidecar = json.loads((models_dir / SIDECAR_NAME).read_text())
     labels, splits, files, _ = load_examples(limit)
     model_config = EdgeModel.load(models_dir / next(iter(sidecar["models"]))).config
@@ -179,7 +184,8 @@ def run_parity(checkpoint: Path, models_dir: Path, limit: int | None = None) -> 
               f"(torch {row['all']['pytorch_fp32']['auc']:.4f}), max prob diff {row['all']['max_probability_diff']:.2e}, "
               f"heatmap r {row['all']['heatmap_r_mean']:.4f} -> {'FAIL: ' + '; '.join(row['gate_failures']) if row['gate_failures'] else 'pass'}",
               file=sys.stderr)
-    (models_dir / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["file"] = parity_file_name(limit)
+    (models_dir / report["file"]).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -39,6 +39,7 @@ def test_committed_export_belongs_to_shipped_model():
         assert sidecar["source_checkpoint"]["sha256"] == sha256_of(SHIPPED), "edge/models is stale: re-export"
     # Committed: both ONNX exports and the int8 TFLite one (the fp32 TFLite file is 13 MB; python -m export).
     parity = json.loads((MODELS / "parity.json").read_text())
+    assert parity["limit"] is None and parity["images"] == {"val": 652, "test": 624}  # the full gate, not a quick run
     for name in ("model_fp32.onnx", "model_int8.onnx", "model_int8.tflite"):
         assert sidecar["models"][name]["sha256"] == sha256_of(MODELS / name)
         assert parity["models"][name]["gate_failures"] == [], f"{name} failed its parity gate"

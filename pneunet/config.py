@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def check_known_fields(cls, values: dict[str, Any], what: str) -> None:
+    """Refuse a config dict with fields the dataclass ``cls`` does not have (a typo or a newer file)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {what} fields {sorted(unknown)}; known: {sorted(known)}")
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a model and feed it, without re-typing a single number.
@@ -25,6 +33,11 @@ class ModelConfig:
     labels: tuple[str, str] = ("normal", "pneumonia")
     threshold: float = 0.5
     temperature: float = 1.0
+    # The lung-field segmenter the model was trained with ({"onnx_sha256": ...}); empty: no lung fields.
+    lungs: dict[str, Any] = field(default_factory=dict)
+    # Evidence (calibrated-logit contribution of one feature-map cell) at which the heatmap's colour
+    # saturates, fitted on validation; None: the legacy per-image [0, 1] scaling.
+    evidence_scale: float | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -32,10 +45,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: {sorted(known)}")
+        check_known_fields(cls, values, "model config")
         values = dict(values)
         if "labels" in values:
             values["labels"] = tuple(values["labels"])

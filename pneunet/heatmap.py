@@ -9,6 +9,8 @@ the same map in torch (``class_activation_map``) and the tests pin the two toget
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
@@ -18,6 +20,7 @@ def cam_from_features(features: np.ndarray, weight: np.ndarray, sign: float = 1.
     return np.maximum(np.tensordot(sign * np.asarray(weight), np.asarray(features), axes=(0, 0)), 0.0)
 
 
+@lru_cache(maxsize=32)  # a few fixed sizes (7 -> 224, 128 -> 224, ...): build each matrix once
 def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out, in) interpolation weights with torch's ``F.interpolate(mode="bilinear", align_corners=False)``
     rule (half-pixel centres, clamped at the border, no antialiasing), so edge and app maps agree."""
@@ -29,6 +32,7 @@ def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     matrix = np.zeros((out_size, in_size), dtype=np.float64)
     np.add.at(matrix, (np.arange(out_size), low), 1.0 - fraction)
     np.add.at(matrix, (np.arange(out_size), high), fraction)
+    matrix.flags.writeable = False
     return matrix
 
 
@@ -48,3 +52,29 @@ def normalise_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def heatmap_from_features(features: np.ndarray, weight: np.ndarray, size: tuple[int, int], sign: float = 1.0) -> np.ndarray:
     """(C, h, w) feature map + classifier weight (C,) -> (H, W) heatmap in [0, 1] over the model input."""
     return normalise_map(cam_from_features(features, weight, sign), size)
+
+
+# ------------------------------------------------------------------ absolute evidence maps (one scale for every image)
+
+
+def evidence_cells(features: np.ndarray, weight: np.ndarray, temperature: float, sign: float = 1.0) -> np.ndarray:
+    """Each feature-map cell's contribution to the calibrated logit: for a global-average-pooling + linear
+    head, logit / T = bias / T + sum over cells of (w . F[:, i, j]) / (h * w * T). (C, h, w) -> (h, w),
+    signed (negative cells speak for the other class); ``sign`` = -1 explains the normal class."""
+    features = np.asarray(features, dtype=np.float64)
+    cells = features.shape[1] * features.shape[2]
+    return sign * np.tensordot(np.asarray(weight, dtype=np.float64), features, axes=(0, 0)) / (cells * float(temperature))
+
+
+def evidence_map(features: np.ndarray, weight: np.ndarray, temperature: float, size: tuple[int, int],
+                 sign: float = 1.0) -> np.ndarray:
+    """The raw evidence map over the model input: ``evidence_cells`` upsampled bilinearly to ``size``, before
+    any lung masking (what localisation metrics and ``--heatmaps`` audits read). float32, signed."""
+    return upsample_bilinear(evidence_cells(features, weight, temperature, sign), size).astype(np.float32)
+
+
+def display_map(evidence: np.ndarray, lung_mask: np.ndarray | None, scale: float) -> np.ndarray:
+    """What a person sees: positive evidence inside the lung fields on the model's fixed scale, [0, 1]
+    (1 = ``scale`` or more). A normal film's map stays cool instead of stretching its hottest speck to red."""
+    heat = np.clip(np.asarray(evidence, dtype=np.float32) / np.float32(scale), 0.0, 1.0)
+    return heat * lung_mask if lung_mask is not None else heat

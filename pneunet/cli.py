@@ -1,4 +1,4 @@
-"""Command line: ``python -m pneunet predict PATH... [--csv OUT.csv] [--cam OUT_DIR]``.
+"""Command line: ``python -m pneunet predict PATH... [--csv OUT.csv] [--cam OUT_DIR] [--heatmaps OUT_DIR]``.
 
 Files and folders (searched recursively for images). One line per image on stdout; an unreadable file,
 or one the input gate refuses as not a chest X-ray, gets a one-line reason on stderr, the rest still run,
@@ -30,17 +30,35 @@ def expand_paths(paths: list[str]) -> tuple[list[Path], bool]:
     return files, any_folder
 
 
-CSV_FIELDS = ["path", "label", "pneumonia_probability", "threshold", "error"]
+CSV_FIELDS = ["path", "label", "pneumonia_probability", "threshold", "lung_fields", "error"]
+
+
+def lung_fields_note(lungs) -> str:
+    """The CSV's lung_fields column: found, or why not (then the population template was used)."""
+    if lungs is None:
+        return ""
+    return "found" if lungs.plausible else f"not found ({lungs.reason}); scored on a template"
+
+
+def save_evidence(path: Path, evidence, size: tuple[int, int]) -> None:
+    """The raw evidence map (before lung masking) stretched back to the original image's (width, height),
+    as float32 .npy, for audit."""
+    import numpy as np
+    from PIL import Image
+
+    stretched = Image.fromarray(np.asarray(evidence, dtype=np.float32)).resize(size, Image.Resampling.BILINEAR)
+    np.save(path, np.asarray(stretched, dtype=np.float32))
 
 
 def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable, csv_path: str | Path | None = None,
-                  cam_dir: Path | None = None, progress: bool = False) -> int:
+                  cam_dir: Path | None = None, progress: bool = False, heatmaps_dir: Path | None = None) -> int:
     """The batch loop shared by ``python -m pneunet predict`` and ``python -m edge.run`` (torch-free).
 
-    ``prepare(path) -> (grey image, model input)`` raises ``InvalidImageError`` for a bad or refused file;
-    ``predict_inputs(batch, heatmap) -> results`` (label, pneumonia_probability, threshold, heatmap,
-    refusal). One line per image on stdout (or rows in ``csv_path``), one reason per failed file on
-    stderr; returns the exit code: 1 if any file failed."""
+    ``prepare(path)`` -> (grey image, model input, lung fields or None) raises ``InvalidImageError`` for a
+    bad or refused file; ``predict_inputs(batch, heatmap, lungs=[...]) -> results`` (label,
+    pneumonia_probability, threshold, heatmap, evidence, lungs, refusal). One line per image on stdout (or
+    rows in ``csv_path``), one reason per failed file on stderr; ``cam_dir`` gets overlay PNGs,
+    ``heatmaps_dir`` the raw evidence maps as .npy; returns the exit code: 1 if any file failed."""
     import numpy as np
 
     from pneunet.overlay import overlay_heatmap
@@ -52,13 +70,16 @@ def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable
 
         bar = tqdm(total=len(files), unit="image", file=sys.stderr)
     say = bar.write if bar is not None else print
-    if cam_dir is not None:
-        cam_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (cam_dir, heatmaps_dir):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+    want_maps = cam_dir is not None or heatmaps_dir is not None
     rows: dict[int, dict] = {}  # by position in ``files``, so the CSV keeps the input order
 
     def fail(index: int, path: Path, reason: str) -> None:
         say(f"{path}: {reason}", file=sys.stderr)
-        rows[index] = {"path": str(path), "label": "", "pneumonia_probability": "", "threshold": "", "error": reason}
+        rows[index] = {"path": str(path), "label": "", "pneumonia_probability": "", "threshold": "", "lung_fields": "",
+                       "error": reason}
 
     for start in range(0, len(files), BATCH_SIZE):
         batch = files[start:start + BATCH_SIZE]
@@ -69,18 +90,23 @@ def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable
             except InvalidImageError as error:  # unreadable, or refused as not a chest X-ray
                 fail(index, path, str(error))
         if prepared:
-            results = predict_inputs(np.stack([model_input for *_, model_input in prepared]), cam_dir is not None)
-            for (index, path, grey, _), result in zip(prepared, results):
+            results = predict_inputs(np.stack([model_input for _, _, _, model_input, _ in prepared]), want_maps,
+                                     lungs=[lungs for *_, lungs in prepared])
+            for (index, path, grey, _, _), result in zip(prepared, results):
                 if result.refusal:  # feature-level input gate
                     fail(index, path, result.refusal)
                     continue
                 rows[index] = {"path": str(path), "label": result.label,
                                "pneumonia_probability": f"{result.pneumonia_probability:.4f}",
-                               "threshold": f"{result.threshold:.4f}", "error": ""}
+                               "threshold": f"{result.threshold:.4f}", "lung_fields": lung_fields_note(result.lungs), "error": ""}
                 if not csv_path:
-                    say(f"{path}\t{result.label}\t{result.pneumonia_probability:.4f}")
+                    say(f"{path}\t{result.label}\t{result.pneumonia_probability:.4f}"
+                        + ("" if result.lungs is None or result.lungs.plausible else "\tlung fields not found"))
                 if cam_dir is not None:
-                    overlay_heatmap(grey, result.heatmap).save(cam_dir / f"{path.stem}_cam.png")
+                    scale = "fixed" if result.evidence else "relative"  # evidence maps come with a fixed scale
+                    overlay_heatmap(grey, result.heatmap, result.lungs, scale=scale).save(cam_dir / f"{path.stem}_cam.png")
+                if heatmaps_dir is not None and result.evidence:
+                    save_evidence(heatmaps_dir / f"{path.stem}_evidence.npy", result.evidence["pneumonia"], grey.size)
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
@@ -110,7 +136,8 @@ def run_predict(args: argparse.Namespace) -> int:
         print("error: no images found in the given paths", file=sys.stderr)
         return 2
     return predict_files(files, predictor.prepare, predictor.predict_inputs, args.csv,
-                         Path(args.cam) if args.cam else None, progress=any_folder and not args.quiet)
+                         Path(args.cam) if args.cam else None, progress=any_folder and not args.quiet,
+                         heatmaps_dir=Path(args.heatmaps) if args.heatmaps else None)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -120,6 +147,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", help="image files (JPEG, PNG, DICOM, ...) or folders")
     predict.add_argument("--csv", default=None, help="write results to this CSV instead of stdout")
     predict.add_argument("--cam", default=None, help="write heatmap overlays (PNG) into this folder")
+    predict.add_argument("--heatmaps", default=None,
+                         help="save each image's raw evidence map (before lung masking; calibrated-logit units) "
+                              "as .npy at the image's own size into this folder")
     predict.add_argument("--checkpoint", default=None,
                          help="model .safetensors (default: $PNEUNET_CHECKPOINT, else the shipped model)")
     predict.add_argument("--no-gate", action="store_true",

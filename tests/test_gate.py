@@ -136,7 +136,9 @@ def test_cli_writes_cam_overlays_at_the_images_own_size(tmp_path):
                                capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     overlay = Image.open(tmp_path / "cam" / "wide_cam.png")
-    assert overlay.size == (300, 200) and overlay.mode == "RGB"
+    # the image keeps its own size; the colour bar is a panel to its right
+    assert overlay.height == 200 and overlay.width > 300 and overlay.mode == "RGB"
+    overlay = overlay.crop((0, 0, 300, 200))
     # colour only where the map is warm: some pixels are coloured, the rest stays grey
     rgb = np.asarray(overlay, dtype=np.int16)
     chroma = rgb.max(axis=2) - rgb.min(axis=2)

@@ -20,11 +20,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pneunet.config import ModelConfig
-from pneunet.preprocessing import load_grey, normalize, to_unit
+from pneunet.lungs import LungFinder, model_view
+from pneunet.preprocessing import load_grey
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = Path(os.environ.get("PNEUNET_DATA", REPO_ROOT.parent / "shared" / "data" / "kermany224"))
 DEFAULT_SPLIT_FILE = REPO_ROOT / "training" / "splits" / "kermany224.csv"
+# Adult X-rays from another hospital (patient-grouped train/val/test in its labels.csv): the external check.
+DEFAULT_NIH_DIR = DEFAULT_DATA_DIR.parent / "nih_adult224"
 LABELS = {"NORMAL": 0, "PNEUMONIA": 1}
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)(?:_\d+)+$"),
@@ -107,6 +110,13 @@ def read_split(split_file: Path = DEFAULT_SPLIT_FILE, split: str | None = None) 
     return [row for row in rows if split is None or row.split == split]
 
 
+def read_nih(nih_dir: Path = DEFAULT_NIH_DIR, split: str | None = None) -> list[Example]:
+    """``nih_adult224``'s images of one split (paths relative to ``nih_dir``), from its labels.csv."""
+    with open(Path(nih_dir) / "labels.csv", newline="") as handle:
+        rows = [Example(row["path"], int(row["label"]), f"nih-{row['patient']}", row["split"]) for row in csv.DictReader(handle)]
+    return [row for row in rows if split is None or row.split == split]
+
+
 def subsample(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
     """At most ``limit`` examples, keeping the class balance (for smoke runs)."""
     if limit is None or limit >= len(examples):
@@ -148,12 +158,17 @@ class _GaussianNoise(torch.nn.Module):
         return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
 
 
-def training_augmentation() -> torch.nn.Module:
+def training_augmentation(counterfactual: float = 0.0) -> torch.nn.Module:
     """Geometry and acquisition differences (contrast, gamma, blur, noise, crop and scale), on the grey
-    PIL image before the shared preprocessing. Never used for validation, test or inference."""
+    PIL image before the shared preprocessing; with ``counterfactual`` > 0, that share of images (either
+    class) also gets laterality letters, text stamps, corner marks or border occlusion pasted anywhere
+    (``training.shortcuts``), so such marks carry no label. Never used for validation, test or inference."""
     from torchvision.transforms import v2
 
+    from training.shortcuts import CounterfactualAugment
+
     return v2.Compose([
+        CounterfactualAugment(counterfactual),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.85, 1.15), shear=6)], p=0.8),
         v2.RandomApply([v2.RandomResizedCrop(224, scale=(0.75, 1.0), ratio=(0.8, 1.25), antialias=True)], p=0.3),
@@ -165,10 +180,12 @@ def training_augmentation() -> torch.nn.Module:
 
 
 class XrayDataset(Dataset):
-    """In-memory images -> (normalised tensor, label), through the one preprocessing path."""
+    """In-memory images -> (normalised tensor, label), through the one preprocessing path
+    (``pneunet.lungs.model_view``: with ``lungs``, the classifier sees the lung fields only)."""
 
-    def __init__(self, images: list[Image.Image], labels: list[int], config: ModelConfig, augment: torch.nn.Module | None = None):
-        self.images, self.labels, self.config, self.augment = images, labels, config, augment
+    def __init__(self, images: list[Image.Image], labels: list[int], config: ModelConfig, augment: torch.nn.Module | None = None,
+                 lungs: LungFinder | None = None):
+        self.images, self.labels, self.config, self.augment, self.lungs = images, labels, config, augment, lungs
 
     def __len__(self) -> int:
         return len(self.images)
@@ -177,7 +194,7 @@ class XrayDataset(Dataset):
         image = self.images[index]
         if self.augment is not None:
             image = self.augment(image)
-        model_input = normalize(to_unit(image, self.config), self.config)
+        model_input, _ = model_view(image, self.config, self.lungs)
         return torch.from_numpy(model_input), torch.tensor(float(self.labels[index]))
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pneunet.gate import colourfulness, gate_path_for, grey_spread, image_descriptor
-from pneunet.preprocessing import decode, preprocess
+from pneunet.lungs import model_view
+from pneunet.preprocessing import decode
 from pneunet.predictor import Predictor, default_checkpoint
 from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, read_split
 from training.non_xrays import non_xray_images
@@ -30,7 +31,8 @@ def gate_verdict(predictor: Predictor, source) -> tuple[bool, str, float | None,
     decoded = decode(source)
     simple = colourfulness(decoded) > gate.max_colourfulness or grey_spread(decoded) < gate.min_grey_spread
     appearance = float(gate.appearance.distance(image_descriptor(decoded))[0]) if gate.appearance is not None else None
-    result = predictor.predict_inputs(preprocess(decoded, predictor.config)[None])[0]
+    model_input, lungs = model_view(decoded, predictor.config, predictor.lungs)
+    result = predictor.predict_inputs(model_input[None], lungs=[lungs])[0]
     stage = ("image" if simple else "appearance" if appearance is not None and appearance > gate.appearance.threshold
              else "features" if result.refusal else "")
     return bool(stage), stage, appearance, result.gate_distance

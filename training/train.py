@@ -5,6 +5,11 @@
 The same command runs on CPU and GPU (AMP on CUDA). Early stopping watches the validation AUC of the
 weight-averaged (EMA) model; temperature and threshold are fitted on validation only. Writes into --out:
 model.safetensors + model.json (the checkpoint), history.csv, curves.png, and resume.pt for --resume.
+
+``--lungs SEGMENTER.onnx`` trains on the lung fields only (``pneunet.lungs.model_view``) and copies the
+segmenter beside the checkpoint (``model.lungs.onnx`` + ``.json``); ``--counterfactual P`` pastes markers,
+stamps and occlusions into a share P of training images of both classes; ``--nih-train`` adds
+nih_adult224's train split, and then the epoch is chosen on the mean of both validation AUCs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -28,10 +34,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pneunet.checkpoint import save_checkpoint, sha256_of
+from pneunet.heatmap import evidence_cells
+from pneunet.lungs import LungFinder, lungs_path_for
 from pneunet.models import LITE0_WEIGHTS_ENV, REGISTRY, build_model, default_config, get_spec, load_pretrained
 from training import metrics
-from training.data import (DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, XrayDataset, load_images,
-                           read_split, subsample, training_augmentation)
+from training.data import (DEFAULT_DATA_DIR, DEFAULT_NIH_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, XrayDataset, load_images,
+                           read_nih, read_split, subsample, training_augmentation)
 from training.losses import make_loss
 
 
@@ -130,6 +138,19 @@ def calibrate_on_validation(model: nn.Module, val_loader: DataLoader, device: to
     return temperature, threshold, metrics.summary(labels, probabilities, threshold, ci_resamples=0)
 
 
+@torch.inference_mode()
+def fit_evidence_scale(model: nn.Module, loader: DataLoader, device: torch.device, temperature: float) -> float:
+    """The heatmap's fixed colour scale, from validation only: the median over validation pneumonia images
+    of their strongest cell's evidence (calibrated-logit contribution), so a typical pneumonia reaches the top."""
+    model.eval()
+    weight = model.head[-1].weight.detach().float().cpu().numpy()[0]
+    peaks = []
+    for images, labels in loader:
+        features = model.features(images.to(device, memory_format=torch.channels_last)).float().cpu().numpy()
+        peaks += [float(evidence_cells(f, weight, temperature).max()) for f, label in zip(features, labels) if label == 1]
+    return float(np.median(peaks))
+
+
 def git_commit() -> str:
     # A copy of the tree sent elsewhere (e.g. to a GPU machine) may carry a stale .git: the sender names
     # the commit explicitly, and that wins.
@@ -188,15 +209,25 @@ def main(args: argparse.Namespace) -> Path:
     data_dir, split_file = Path(args.data_dir), Path(args.split_file)
     train_examples = subsample(read_split(split_file, "train"), args.train_limit, args.seed)
     val_examples = subsample(read_split(split_file, "val"), args.val_limit, args.seed)
-    print(f"decoding {len(train_examples)} train and {len(val_examples)} val images from {data_dir}", flush=True)
+    nih_dir = Path(args.nih_dir)
+    nih_train = subsample(read_nih(nih_dir, "train"), args.train_limit, args.seed) if args.nih_train else []
+    nih_val = subsample(read_nih(nih_dir, "val"), args.val_limit, args.seed) if args.nih_train else []
+    print(f"decoding {len(train_examples)} + {len(nih_train)} train and {len(val_examples)} + {len(nih_val)} val images "
+          f"from {data_dir}" + (f" and {nih_dir}" if args.nih_train else ""), flush=True)
     config = default_config(args.model)
+    lungs = LungFinder.load(args.lungs) if args.lungs else None
+    if lungs is not None:
+        config.lungs = {"onnx_sha256": sha256_of(args.lungs)}
     generator = torch.Generator().manual_seed(args.seed)
-    train_set = XrayDataset(load_images(train_examples, data_dir), [e.label for e in train_examples], config, training_augmentation())
-    val_set = XrayDataset(load_images(val_examples, data_dir), [e.label for e in val_examples], config)
+    train_set = XrayDataset(load_images(train_examples, data_dir) + load_images(nih_train, nih_dir),
+                            [e.label for e in train_examples + nih_train], config, training_augmentation(args.counterfactual), lungs)
+    val_set = XrayDataset(load_images(val_examples, data_dir), [e.label for e in val_examples], config, lungs=lungs)
+    nih_val_set = XrayDataset(load_images(nih_val, nih_dir), [e.label for e in nih_val], config, lungs=lungs) if nih_val else None
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
                               num_workers=args.workers, generator=generator, persistent_workers=args.workers > 0,
                               pin_memory=device.type == "cuda")
     val_loader = DataLoader(val_set, batch_size=64, num_workers=args.workers)
+    nih_val_loader = DataLoader(nih_val_set, batch_size=64, num_workers=args.workers) if nih_val_set else None
 
     model = build_model(config)
     pretrained = "none (random initialisation)"
@@ -243,14 +274,20 @@ def main(args: argparse.Namespace) -> Path:
         val_stats = evaluate(ema.module, val_loader, eval_loss_fn, device)
         row = {"epoch": epoch + 1, "train_seconds": round(train_seconds, 1),
                **{f"train_{k}": v for k, v in train_stats.items()}, **{f"val_{k}": v for k, v in val_stats.items()}}
+        selection_auc = val_stats["auc"]
+        if nih_val_loader is not None:
+            nih_stats = evaluate(ema.module, nih_val_loader, eval_loss_fn, device)
+            row.update({f"nih_val_{k}": v for k, v in nih_stats.items()})
+            selection_auc = (val_stats["auc"] + nih_stats["auc"]) / 2
         history.append(row)
         # Higher AUC wins; near-ties (AUC saturates near 1 on this validation set) go to lower loss.
-        score = (round(val_stats["auc"], 4), -val_stats["loss"])
+        score = (round(selection_auc, 4), -val_stats["loss"])
         if score > best_score:
             best_score, best_epoch = score, epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
         print(f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f} auc {train_stats['auc']:.4f} | "
               f"val loss {val_stats['loss']:.4f} auc {val_stats['auc']:.4f} acc {val_stats['accuracy']:.4f} | "
+              + (f"nih val auc {row['nih_val_auc']:.4f} | " if nih_val_loader is not None else "") +
               f"{train_seconds:.0f}s{' *' if best_epoch == epoch + 1 else ''}", flush=True)
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -273,6 +310,8 @@ def main(args: argparse.Namespace) -> Path:
     temperature, threshold, val_summary = calibrate_on_validation(final, val_loader, device, args.min_sensitivity)
     epoch_seconds = [row["train_seconds"] for row in history]
     config.temperature, config.threshold = temperature, threshold
+    if final.pooled_linear:
+        config.evidence_scale = fit_evidence_scale(final, val_loader, device, temperature)
     config.provenance = {
         # training.compare passes its own argument list; a direct run has it in sys.argv.
         "command": "python -m training.train " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
@@ -281,6 +320,9 @@ def main(args: argparse.Namespace) -> Path:
         "split_file": str(split_file.relative_to(REPO_ROOT) if split_file.is_relative_to(REPO_ROOT) else split_file),
         "split_file_sha256": sha256_of(split_file),
         "train_images": len(train_set), "val_images": len(val_set),
+        "nih_train_images": len(nih_train), "nih_val_images": len(nih_val),
+        "lungs": args.lungs or "none (whole image)", "counterfactual": args.counterfactual,
+        "selection": "mean of Kermany and nih_adult224 validation AUC" if nih_val else "Kermany validation AUC",
         "seed": args.seed,
         "pretrained": pretrained,
         "trainable": list(trainable_prefixes) or "all",
@@ -293,6 +335,10 @@ def main(args: argparse.Namespace) -> Path:
         "val": val_summary,
     }
     digest = save_checkpoint(final.cpu(), config, out / "model.safetensors")
+    if args.lungs:  # the segmenter travels with the checkpoint it was trained with
+        target = lungs_path_for(out / "model.safetensors")
+        shutil.copyfile(args.lungs, target)
+        shutil.copyfile(Path(args.lungs).with_suffix(".json"), target.with_suffix(".json"))
     print(f"saved {out / 'model.safetensors'} (sha256 {digest[:12]}...): best epoch {best_epoch}, "
           f"temperature {temperature:.3f}, threshold {threshold:.3f}, val AUC {config.provenance['val']['auc']:.4f}")
     return out / "model.safetensors"
@@ -304,6 +350,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="Kermany 224 folder (default: %(default)s)")
     parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="split CSV (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/MODEL-seedSEED)")
+    parser.add_argument("--lungs", default=None, help="lung-field segmenter .onnx: train on the lung fields only (default: whole image)")
+    parser.add_argument("--counterfactual", type=float, default=0.0,
+                        help="share of training images that get markers/stamps/occlusions pasted (default: %(default)s)")
+    parser.add_argument("--nih-train", action="store_true", help="also train on nih_adult224 train; choose on both validation sets")
+    parser.add_argument("--nih-dir", default=str(DEFAULT_NIH_DIR), help="nih_adult224 folder (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the architecture's recipe)")
     parser.add_argument("--batch-size", type=int, default=None, help="(default: the recipe's, 32)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")

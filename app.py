@@ -38,7 +38,9 @@ atexit.register(shutil.rmtree, UPLOAD_DIR, ignore_errors=True)
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pneunet.cli import lung_fields_note  # noqa: E402
 from pneunet.gate import NotAnXrayError  # noqa: E402
+from pneunet.lungs import LungFields  # noqa: E402
 from pneunet.overlay import overlay_heatmap  # noqa: E402
 from pneunet.predictor import Prediction, Predictor, default_checkpoint  # noqa: E402
 from pneunet.preprocessing import InvalidImageError  # noqa: E402
@@ -78,6 +80,9 @@ def _with_timeout(work, *args):
 CHECKPOINT = default_checkpoint()
 PREDICTOR = Predictor.load(CHECKPOINT)
 NORMAL_LABEL, PNEUMONIA_LABEL = PREDICTOR.config.labels
+# A model with an evidence scale shows every image's map on that one scale; an old one scales each map to
+# its own maximum (pneunet.heatmap.display_map / normalise_map), and the words and colour bar say which.
+HEATMAP_SCALE = "fixed" if PREDICTOR.config.evidence_scale else "relative"
 
 
 # ------------------------------------------------------------------------------ shipped evaluation
@@ -208,8 +213,8 @@ JANITOR = UploadJanitor(UPLOAD_DIR, float(os.environ.get("PNEUNET_UPLOAD_GRACE_S
 GONE = "The uploaded file is no longer on the server (uploads are deleted right after use); please upload it again."
 
 
-def _display(image: Image.Image) -> Image.Image:
-    """Shrink for the page, keeping the upload's own aspect ratio.
+def _display(image: Image.Image, shrink: bool = True) -> Image.Image:
+    """Shrink for the page (unless ``shrink`` is False: already shrunk), keeping the upload's own aspect ratio.
 
     Gradio caches a result image under the sha256 of its PNG bytes and rewrites that file in place for
     every request that produces the same bytes (the same X-ray sent twice): a client still downloading
@@ -217,7 +222,8 @@ def _display(image: Image.Image) -> Image.Image:
     A random PNG text chunk makes every result its own file; it also replaces any text metadata the
     upload carried, so none of it is echoed back."""
     image = image.copy()
-    image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.LANCZOS)
+    if shrink:
+        image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.LANCZOS)
     image.info = {"pneunet-result": secrets.token_hex(8)}
     return image
 
@@ -232,7 +238,8 @@ def _analyse(path: str | None, targets: tuple[str, ...]) -> tuple[Prediction, Im
     def work():
         with JANITOR.using(path):
             prepared = PREDICTOR.prepare(path)
-        return prepared, PREDICTOR.predict_inputs(prepared.model_input[None], heatmap=True, target=targets)[0]
+        return prepared, PREDICTOR.predict_inputs(prepared.model_input[None], heatmap=True, target=targets,
+                                                  lungs=[prepared.lungs])[0]
 
     try:
         prepared, result = _with_timeout(work)
@@ -245,9 +252,26 @@ def _analyse(path: str | None, targets: tuple[str, ...]) -> tuple[Prediction, Im
     return result, prepared.grey
 
 
+def lungs_not_found_note(lungs: LungFields | None) -> str | None:
+    """What the person must be told when the lung fields were not found (None when they were, or when
+    the model does not look for them). It never means the image is not an X-ray: the input gate says that."""
+    if lungs is None or lungs.plausible:
+        return None
+    return (f"PneuNet could not find both lung fields in this image ({lungs.reason}); the result was computed "
+            "on a standard lung outline and is less reliable.")
+
+
 def result_json(result: Prediction, target: str) -> dict:
-    return {"label": result.label, "pneumonia_probability": round(result.pneumonia_probability, 4),
-            "threshold": round(result.threshold, 4), "heatmap_target": target}
+    """The API's result. ``lung_fields_found`` is null for a model that does not look for lung fields;
+    ``note`` is there only when they were not found. ``heatmap_scale``: "fixed" (the same evidence scale
+    for every image) or "relative" (an old model's map, scaled to the image's own maximum)."""
+    values = {"label": result.label, "pneumonia_probability": round(result.pneumonia_probability, 4),
+              "threshold": round(result.threshold, 4), "heatmap_target": target, "heatmap_scale": HEATMAP_SCALE,
+              "lung_fields_found": None if result.lungs is None else bool(result.lungs.plausible)}
+    note = lungs_not_found_note(result.lungs)
+    if note:
+        values["note"] = note
+    return values
 
 
 def percent(probability: float) -> str:
@@ -259,34 +283,74 @@ def percent(probability: float) -> str:
     return f"{probability:.1%}"
 
 
+def heatmap_meaning(result: Prediction) -> str:
+    """What the heatmap means for this verdict. For a normal verdict the hottest spot is not a finding."""
+    fixed = HEATMAP_SCALE == "fixed"
+    if result.label == PNEUMONIA_LABEL:
+        if fixed:
+            return ("The heatmap shows where inside the lung fields the evidence for pneumonia sits, on a fixed "
+                    "scale that is the same for every image: red is evidence as strong as the strongest region of "
+                    "a typical pneumonia.")
+        return ("The heatmap shows where in the image the evidence for pneumonia came from, scaled to this "
+                "image's own strongest region (this model has no fixed scale).")
+    if fixed:
+        return ("There is no focal evidence for pneumonia. The heatmap is shown on the same fixed scale as for "
+                "every image, so on a film like this one it stays cool; faint colour is weaker than what the "
+                "model calls pneumonia and is not a finding.")
+    return ("There is no focal evidence for pneumonia. This model scales every heatmap to the image's own "
+            "strongest region, so its hottest spot is not a finding.")
+
+
 def verdict_markdown(result: Prediction) -> str:
     if result.label == PNEUMONIA_LABEL:
         headline = "## Pneumonia suspected"
     else:
         headline = "## No pneumonia found"
-    return (f"{headline}\n\nCalibrated pneumonia probability: **{percent(result.pneumonia_probability)}** "
-            f"(threshold {result.threshold:.2f}).\n\n{threshold_meaning()}\n\n"
-            "The heatmap shows where in the image the evidence for the chosen class came from. "
+    note = lungs_not_found_note(result.lungs)
+    warning = f"**Lung fields not found.** {note}\n\n" if note else ""
+    return (f"{headline}\n\n{warning}Calibrated pneumonia probability: **{percent(result.pneumonia_probability)}** "
+            f"(threshold {result.threshold:.2f}).\n\n{threshold_meaning()}\n\n{heatmap_meaning(result)} "
             "*Screening aid for research: not a medical device, not for diagnosis.*")
+
+
+def heatmap_overlay(result: Prediction, grey: Image.Image, target: str, colour_bar: bool = True) -> Image.Image:
+    """The ``target`` heatmap and the lung outline over the upload, with a colour-bar panel on its right.
+    Drawn on the upload as shown (at most DISPLAY_SIDE a side), so the image part has the original's shown
+    size, and the outline and the words are sized for the page; the panel only adds width."""
+    shown = grey.copy()
+    shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.LANCZOS)
+    return _display(overlay_heatmap(shown, result.heatmaps[target], result.lungs, colour_bar=colour_bar,
+                                    scale=HEATMAP_SCALE, target=target), shrink=False)
 
 
 def analyse_upload(path: str | None):
     """UI: verdict, original, pneumonia heatmap, normal heatmap, JSON."""
     result, grey = _analyse(path, ("pneumonia", "normal"))
-    overlays = [_display(overlay_heatmap(grey, result.heatmaps[t])) for t in ("pneumonia", "normal")]
+    overlays = [heatmap_overlay(result, grey, t) for t in ("pneumonia", "normal")]
     return verdict_markdown(result), _display(grey), *overlays, result_json(result, "pneumonia")
 
 
 def predict(path: str | None, target: str = "pneumonia"):
-    """API ``/predict``: (JSON with label, pneumonia_probability, threshold; heatmap overlay image)."""
+    """API ``/predict``: (JSON with label, pneumonia_probability, threshold, lung_fields_found; heatmap
+    overlay image). The overlay has no colour-bar panel, so its pixels match the upload's (shrunk to at
+    most DISPLAY_SIDE, aspect ratio kept); ``heatmap_scale`` in the JSON says what its colours mean."""
     if target not in ("pneumonia", "normal"):
         raise gr.Error("target must be 'pneumonia' or 'normal'")
     result, grey = _analyse(path, (target,))
-    return result_json(result, target), _display(overlay_heatmap(grey, result.heatmaps[target]))
+    return result_json(result, target), heatmap_overlay(result, grey, target, colour_bar=False)
+
+
+def _predict_one(path: str) -> Prediction:
+    """The batch tab's model call: no heatmap, but the lung fields the model saw."""
+    prepared = PREDICTOR.prepare(path)
+    return PREDICTOR.predict_inputs(prepared.model_input[None], lungs=[prepared.lungs])[0]
+
+
+BATCH_HEADERS = ["file", "label", "pneumonia_probability", "threshold", "lung_fields", "error"]
 
 
 def analyse_batch(paths: list[str] | None):
-    """Batch tab: a results table and a CSV to download (no heatmaps)."""
+    """Batch tab: a results table and a CSV to download (no heatmaps; whether the lung fields were found)."""
     paths = paths or []
     if not paths:
         raise gr.Error("Please upload one or more chest X-ray images.")
@@ -297,17 +361,18 @@ def analyse_batch(paths: list[str] | None):
         for path in paths:
             name = Path(path).name
             try:
-                result = _with_timeout(lambda p: PREDICTOR.predict_inputs(PREDICTOR.prepare(p).model_input[None])[0], path)
+                result = _with_timeout(_predict_one, path)
                 error = result.refusal or ""
             except InvalidImageError as exception:
                 result, error = None, str(exception)
             except gr.Error as exception:  # timeout or internal error: that file only
                 result, error = None, exception.message
             if result is None or error:
-                rows.append([name, "", None, round(PREDICTOR.config.threshold, 4), error])
+                rows.append([name, "", None, round(PREDICTOR.config.threshold, 4), "", error])
             else:
-                rows.append([name, result.label, round(result.pneumonia_probability, 4), round(result.threshold, 4), ""])
-    headers = ["file", "label", "pneumonia_probability", "threshold", "error"]
+                rows.append([name, result.label, round(result.pneumonia_probability, 4), round(result.threshold, 4),
+                             lung_fields_note(result.lungs), ""])
+    headers = BATCH_HEADERS
     # The CSV is a result, not an upload: it sits in the private folder until the cache sweep removes it.
     csv_path = Path(tempfile.mkdtemp(dir=UPLOAD_DIR)) / "pneunet_results.csv"
     with open(csv_path, "w", newline="") as handle:
@@ -349,7 +414,7 @@ with gr.Blocks(title="PneuNet: pneumonia screening on chest X-rays", delete_cach
     with gr.Tab("Batch"):
         batch_files = gr.File(label="Chest X-rays", file_count="multiple", type="filepath")
         batch_button = gr.Button("Analyse all", variant="primary")
-        batch_table = gr.Dataframe(headers=["file", "label", "pneumonia_probability", "threshold", "error"],
+        batch_table = gr.Dataframe(headers=BATCH_HEADERS,
                                    interactive=False, label="Results")
         batch_csv = gr.File(label="Results as CSV", interactive=False)
         batch_button.click(analyse_batch, batch_files, [batch_table, batch_csv], api_name="predict_batch")

@@ -35,6 +35,11 @@ def test_dicom_variants_give_the_jpeg_prediction(predictor, tmp_path, photometri
     from_dicom = predictor.predict(dicom)
     assert from_dicom.label == from_jpeg.label
     assert from_dicom.pneumonia_probability == pytest.approx(from_jpeg.pneumonia_probability, abs=0.02)
+    # the same lung fields (or none, for a model without them), so the same note and outline in the app
+    assert (from_dicom.lungs is None) == (from_jpeg.lungs is None)
+    if from_jpeg.lungs is not None:
+        assert from_dicom.lungs.plausible == from_jpeg.lungs.plausible
+        assert np.mean(from_dicom.lungs.mask != from_jpeg.lungs.mask) < 0.01
 
 
 def test_sixteen_bit_png_gives_the_jpeg_prediction(predictor, tmp_path):

@@ -1,5 +1,7 @@
 """Edge benchmark: file size, latency at 1 and 2 threads, batch throughput and runner peak memory for
-PyTorch fp32 and every export. Writes docs/edge_benchmark.md.
+PyTorch fp32 and every export, and for a model trained on lung fields the lung-field segmenter's time
+per image (network + mask post-processing, ``LungFinder.find``) and segmenter + classifier together.
+Writes docs/edge_benchmark.md.
 
     python -m export.benchmark [--models edge/models] [--checkpoint pneunet/weights/pneunet.safetensors]
 
@@ -29,49 +31,77 @@ KINDS = [("PyTorch fp32", "torch", None), ("ONNX fp32", "edge", "model_fp32.onnx
 BATCH = 8
 
 
-def _inputs(count: int, config) -> np.ndarray:
-    from pneunet.preprocessing import preprocess
+SEGMENTER_BUDGET_MS = 10.0  # what the lung-field segmenter may add per image on 2 cores
+
+
+def _units(count: int, config) -> np.ndarray:
+    """Unit images (grey, [0, 1]) of ``count`` test X-rays spread over the split."""
+    from pneunet.preprocessing import to_unit
     from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split
 
     examples = read_split(DEFAULT_SPLIT_FILE, "test")[::max(1, 624 // count)][:count]
-    return np.stack([preprocess(DEFAULT_DATA_DIR / e.path, config) for e in examples]).astype(np.float32)
+    return np.stack([to_unit(DEFAULT_DATA_DIR / e.path, config) for e in examples]).astype(np.float32)
 
 
 def worker(kind: str, path: str, threads: int, repeats: int) -> dict:
-    """Median single-image latency and batch throughput of one model (runs in a subprocess)."""
+    """Median single-image latency and batch throughput of one model, and with a lung-field segmenter its
+    median time per image and that of segmenter + classifier (runs in a subprocess)."""
+    from pneunet.lungs import suppress_outside
+    from pneunet.preprocessing import normalize
+
     if kind == "torch":
         import torch
 
         from pneunet.checkpoint import load_checkpoint
+        from pneunet.predictor import load_lung_finder
 
         torch.set_num_threads(threads)
         runtime = f"torch {torch.__version__}"
         model, config = load_checkpoint(path)
+        lungs = load_lung_finder(Path(path), config)
+        if lungs is not None:
+            lungs.threads = threads
         model = model.eval().to(memory_format=torch.channels_last)  # as pneunet.predictor runs it
 
         def run(batch: np.ndarray) -> None:
             with torch.inference_mode():
                 model(torch.from_numpy(batch).to(memory_format=torch.channels_last))
     else:
+        from edge.run import load_lungs
         from edge.runtime import EdgeModel
 
         edge_model = EdgeModel.load(path, num_threads=threads, int8_kernels="fused" if kind == "edge-fused" else "auto")
         config, runtime = edge_model.config, edge_model.runtime
+        lungs = load_lungs(edge_model, threads)
         run = edge_model.run
-    inputs = _inputs(max(repeats, BATCH), config)
+    units = _units(max(repeats, BATCH), config)
+    fields = [lungs.find(unit) for unit in units] if lungs is not None else [None] * len(units)
+    # pneunet.lungs.model_view, split so that the segmenter and the classifier are timed apart
+    inputs = np.stack([normalize(unit if f is None else suppress_outside(unit, f.region), config)
+                       for unit, f in zip(units, fields)]).astype(np.float32)
     for warm_up in inputs[:3]:
         run(warm_up[None])
-    latencies = []
-    for model_input in inputs[:repeats]:
+    latencies, segmenter, together = [], [], []
+    for unit, model_input in zip(units[:repeats], inputs[:repeats]):
         start = time.perf_counter()
+        if lungs is not None:
+            lungs.find(unit)
+        found = time.perf_counter()
         run(model_input[None])
-        latencies.append(1000 * (time.perf_counter() - start))
+        done = time.perf_counter()
+        segmenter.append(1000 * (found - start))
+        latencies.append(1000 * (done - found))
+        together.append(1000 * (done - start))
     start = time.perf_counter()
     rounds = 3
     for _ in range(rounds):
         run(inputs[:BATCH])
     throughput = rounds * BATCH / (time.perf_counter() - start)
-    return {"median_ms": float(np.median(latencies)), "images_per_s_batch": float(throughput), "runtime": runtime}
+    result = {"median_ms": float(np.median(latencies)), "images_per_s_batch": float(throughput), "runtime": runtime}
+    if lungs is not None:
+        result.update(segmenter_ms=float(np.median(segmenter)), with_segmenter_ms=float(np.median(together)),
+                      segmenter_mb=lungs.onnx_path.stat().st_size / 1e6)
+    return result
 
 
 def _subprocess_json(arguments: list[str]) -> dict:
@@ -127,21 +157,41 @@ def main(args: argparse.Namespace) -> int:
                 runner += ["--int8-kernels", "fused"]
         rows.append({"model": label, "runtime": timings[1]["runtime"], "file": str(path), "mb": path.stat().st_size / 1e6,
                      "ms_1": timings[1]["median_ms"], "ms_2": timings[2]["median_ms"],
-                     "batch_2": timings[2]["images_per_s_batch"], "rss_mb": peak_rss_mb(runner)})
+                     "batch_2": timings[2]["images_per_s_batch"], "rss_mb": peak_rss_mb(runner),
+                     "segmenter": {threads: timings[threads].get("segmenter_ms") for threads in (1, 2)},
+                     "total": {threads: timings[threads].get("with_segmenter_ms") for threads in (1, 2)},
+                     "segmenter_mb": timings[1].get("segmenter_mb")})
     lines = [
         "# Edge benchmark", "",
         f"Measured by `python -m export.benchmark` on {_cpu()}, Python {platform.python_version()}. Latency: median of "
         f"{args.repeats} single test images after warm-up (preprocessing excluded). Batch: images/s on batches of {BATCH} at "
         "2 threads (the TFLite exports have a fixed batch of 1, so they loop). Peak RSS: the whole runner process "
         "(`python -m edge.run`, or `python -m pneunet predict` for PyTorch) on the six bundled example images, with "
-        "heatmaps off. System load average (1 min) "
+        "heatmaps off; for a model trained on lung fields it includes the segmenter. System load average (1 min) "
         f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the run on {os.cpu_count()} logical CPUs: other "
         "processes share this machine, so compare rows with each other rather than with other reports.", "",
-        "| model | runs on | file MB | ms/image, 1 thread | ms/image, 2 threads | batch images/s (2 threads) | runner peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | runs on | file MB | ms/image, 1 thread | ms/image, 2 threads | + segmenter, 1 thread | + segmenter, 2 threads | batch images/s (2 threads) | runner peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ms(value: float | None) -> str:
+        return "–" if value is None else f"{value:.1f}"
+
     for row in rows:
-        lines.append(f"| {row['model']} | {row['runtime']} | {row['mb']:.1f} | {row['ms_1']:.1f} | {row['ms_2']:.1f} | {row['batch_2']:.1f} | {row['rss_mb']:.0f} |")
+        lines.append(f"| {row['model']} | {row['runtime']} | {row['mb']:.1f} | {row['ms_1']:.1f} | {row['ms_2']:.1f} | "
+                     f"{ms(row['total'][1])} | {ms(row['total'][2])} | {row['batch_2']:.1f} | {row['rss_mb']:.0f} |")
+    timed = [row for row in rows if row["segmenter"][2] is not None]
+    if timed:
+        seg_1 = float(np.median([row["segmenter"][1] for row in timed]))
+        seg_2 = float(np.median([row["segmenter"][2] for row in timed]))
+        verdict = "within" if seg_2 <= SEGMENTER_BUDGET_MS else "OVER"
+        lines += ["", f"Lung-field segmenter (`pneunet.lungs.onnx`, {timed[0]['segmenter_mb']:.1f} MB, onnxruntime fp32 for every "
+                  f"classifier format): median {seg_1:.1f} ms/image on 1 thread, {seg_2:.1f} ms on 2 (over the {len(timed)} "
+                  "rows' runs; network plus mask post-processing, `LungFinder.find`), "
+                  f"**{verdict} the {SEGMENTER_BUDGET_MS:.0f} ms budget on 2 threads**. \"+ segmenter\" columns: median per image of "
+                  "segmenter + classifier, timed together."]
+    else:
+        lines += ["", "This model has no lung-field segmenter (trained on whole images): the \"+ segmenter\" columns are empty."]
     cpu = _cpu()
     vnni = "vnni" in cpu
     by_label = {row["model"]: row for row in rows}

@@ -29,7 +29,8 @@ from export.parity import BATCH, pearson
 from pneunet.cam import classifier_weights
 from pneunet.checkpoint import load_checkpoint
 from pneunet.heatmap import heatmap_from_features
-from pneunet.preprocessing import preprocess
+from pneunet.lungs import model_view
+from pneunet.predictor import load_lung_finder
 from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split
 from training.metrics import sigmoid
 
@@ -80,10 +81,11 @@ def compare(logits, features, ref_logits, ref_features, weight, config) -> dict:
 
 def study(checkpoint: Path, calibration_images: int) -> dict:
     model, config = load_checkpoint(checkpoint)
+    lungs = load_lung_finder(checkpoint, config)  # what the classifier sees: lung-suppressed inputs (model_view)
     weight = classifier_weights(model)[0].float().numpy()
     val = read_split(Path(DEFAULT_SPLIT_FILE), "val")
-    inputs = np.stack([preprocess(Path(DEFAULT_DATA_DIR) / example.path, config) for example in val]).astype(np.float32)
-    calibration, _ = calibration_inputs(config, calibration_images)
+    inputs = np.stack([model_view(Path(DEFAULT_DATA_DIR) / example.path, config, lungs)[0] for example in val]).astype(np.float32)
+    calibration, _ = calibration_inputs(config, calibration_images, lungs=lungs)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = Path(scratch) / "model_fp32.onnx"

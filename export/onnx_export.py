@@ -48,6 +48,7 @@ def export_onnx_fp32(graph: EdgeGraph, image_size: int, channels: int, path: Pat
         # The TorchScript exporter (dynamo=False) is deprecated but needs no onnxscript and exports this
         # graph exactly; its deprecation and constant-folding notes are noise for this graph.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message="You are using the legacy TorchScript")
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         torch.onnx.export(
             graph, (example,), str(path), dynamo=False, opset_version=OPSET,

@@ -7,7 +7,9 @@ Writes model_fp32.tflite, model_int8.tflite and tflite_facts.json (what the side
 Input (1, H, W, channels) float32 (NHWC: TFLite's layout); outputs the pneumonia logit (1,) and the
 feature map (1, h, w, C). int8: PT2E static quantisation (per-channel int8 weights, int8 activations
 from histogram observers on real preprocessed training images; a convolution + ReLU6 is observed after the
-ReLU6, see _move_relu6_observers) of everything except the modules in FLOAT_MODULES, which stay float32
+ReLU6, see _move_relu6_observers; for a model trained on lung fields, the lung-suppressed inputs of
+``pneunet.lungs.model_view``, cut by the checkpoint's segmenter on onnxruntime) of everything except the
+modules in FLOAT_MODULES, which stay float32
 (the same choice as the ONNX int8 export); the converter makes the input int8 (the runner quantises with
 the model's own scale and zero point), the outputs stay float32.
 """
@@ -25,6 +27,7 @@ import torch
 from export.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_inputs
 from export.graph import edge_graph
 from pneunet.checkpoint import load_checkpoint
+from pneunet.predictor import load_lung_finder
 
 # Kept float32 in the int8 model, as in the ONNX int8 export (export.onnx_export.INT8_RECIPE): the
 # classifier head (pooling + linear: the logit). Module paths inside PneuNetModel. conv_head (the 1x1
@@ -110,7 +113,7 @@ def convert(checkpoint: Path, out_dir: Path, calibration_images: int, seed: int 
 
     quantizer = _quantizer(FLOAT_MODULES)
     prepared = quantize_pt2e.prepare_pt2e(torch.export.export(graph, example).module(), quantizer)
-    inputs, paths = calibration_inputs(config, calibration_images, seed=seed)
+    inputs, paths = calibration_inputs(config, calibration_images, seed=seed, lungs=load_lung_finder(checkpoint, config))
     with torch.no_grad():
         for model_input in inputs:  # the exported graph has batch 1
             prepared(torch.from_numpy(model_input).permute(1, 2, 0)[None])
@@ -131,6 +134,7 @@ def convert(checkpoint: Path, out_dir: Path, calibration_images: int, seed: int 
             "calibration_images": len(paths),
             "calibration_split": "train",
             "calibration_seed": seed,
+            "calibration_inputs": "pneunet.lungs.model_view" + (" (lung-suppressed)" if config.lungs else ""),
             "io": "int8 in (scale and zero point in the model: the runner quantises), float32 out",
         },
     }

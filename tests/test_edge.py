@@ -1,5 +1,6 @@
 """The edge runner: never imports torch; runs the committed export (ONNX int8) on files,
-folders and bad inputs like the CLI; its results match the shipped PyTorch model."""
+folders and bad inputs like the CLI; its results (lung masks, labels, heatmaps) match the shipped
+PyTorch model; it refuses a missing, changed or unrunnable lung-field segmenter."""
 
 from __future__ import annotations
 
@@ -11,40 +12,81 @@ import sys
 import numpy as np
 import pytest
 
+from edge import run as edge_run
 from edge.run import EdgePredictor, main
 from edge import runtime
 from edge.runtime import (DEFAULT_MODEL, DEFAULT_TFLITE_MODEL, SIDECAR_NAME, EdgeModel, EdgeModelError, default_model,
                           int8_kernels_saturate, sha256_of)
+from pneunet.heatmap import display_map
 from tests.helpers import EXAMPLES, REPO_ROOT
 
 MODELS = DEFAULT_MODEL.parent
 SHIPPED = REPO_ROOT / "pneunet" / "weights" / "pneunet.safetensors"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.jpeg"))
+REEXPORT = f"python -m export --checkpoint {SHIPPED.relative_to(REPO_ROOT)} --out edge/models"
 
 
 def require_committed_export() -> None:
     if not DEFAULT_MODEL.is_file():
-        pytest.fail(f"{DEFAULT_MODEL} missing: regenerate with python -m export --checkpoint {SHIPPED.relative_to(REPO_ROOT)} --out edge/models")
+        pytest.fail(f"{DEFAULT_MODEL} missing: regenerate with {REEXPORT}")
+
+
+def committed_sidecar() -> dict:
+    return json.loads((MODELS / SIDECAR_NAME).read_text())
+
+
+def shipped_lungs() -> dict:
+    """config.lungs of the shipped checkpoint: the segmenter it was trained with ({} for a model without one)."""
+    return json.loads(SHIPPED.with_suffix(".json").read_text())["config"].get("lungs") or {}
+
+
+def require_export_of_shipped_model() -> None:
+    """The committed export must be of the shipped checkpoint (lung fields included) before it is compared
+    with it: a new shipped model needs a re-export (by the lead, with the real data)."""
+    require_committed_export()
+    if not SHIPPED.is_file():
+        pytest.skip(f"{SHIPPED} not present")
+    sidecar = committed_sidecar()
+    if sidecar["source_checkpoint"]["sha256"] != sha256_of(SHIPPED):
+        pytest.fail(f"edge/models is an export of another checkpoint than {SHIPPED.name}: re-export with {REEXPORT}")
+    recorded = (sidecar.get("lungs") or {}).get("sha256")
+    if recorded != shipped_lungs().get("onnx_sha256"):
+        pytest.fail(f"edge/models ships segmenter {recorded}, the shipped model was trained with "
+                    f"{shipped_lungs().get('onnx_sha256')}: re-export with {REEXPORT}")
 
 
 def test_runner_never_imports_torch():
-    code = "import sys, edge.run, edge.runtime, pneunet.heatmap, pneunet.overlay; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = ("import sys, edge.run, edge.runtime, pneunet.heatmap, pneunet.lungs, pneunet.overlay\n"
+            "predictor = edge.run.EdgePredictor.load()  # the default export, its segmenter and gate\n"
+            f"predictor.predict({str(EXAMPLE_FILES[0])!r}, heatmap=True)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
 
 
 def test_committed_export_belongs_to_shipped_model():
     require_committed_export()
-    sidecar = json.loads((MODELS / SIDECAR_NAME).read_text())
+    sidecar = committed_sidecar()
     if SHIPPED.is_file():
-        assert sidecar["source_checkpoint"]["sha256"] == sha256_of(SHIPPED), "edge/models is stale: re-export"
-    # Committed: both ONNX exports and the int8 TFLite one (the fp32 TFLite file is 13 MB; python -m export).
+        assert sidecar["source_checkpoint"]["sha256"] == sha256_of(SHIPPED), f"edge/models is stale: {REEXPORT}"
+        # the segmenter the shipped model was trained with, byte for byte (or none for a model without lungs)
+        assert sidecar["config"].get("lungs", {}) == shipped_lungs(), f"edge/models is stale: {REEXPORT}"
+        if shipped_lungs():
+            for name, source in ((sidecar["lungs"]["file"], "pneunet.lungs.onnx"), (sidecar["lungs"]["config_file"], "pneunet.lungs.json")):
+                assert (MODELS / name).read_bytes() == (SHIPPED.parent / source).read_bytes(), f"{name} differs from the app's"
+        else:
+            assert "lungs" not in sidecar
+    # Committed: both ONNX exports and, when the export was made with the converter environment, the int8
+    # TFLite one (the fp32 TFLite file is 13 MB; python -m export).
     parity = json.loads((MODELS / "parity.json").read_text())
     assert parity["limit"] is None and parity["images"] == {"val": 652, "test": 624}  # the full gate, not a quick run
-    for name in ("model_fp32.onnx", "model_int8.onnx", "model_int8.tflite"):
+    names = ["model_fp32.onnx", "model_int8.onnx"] + (["model_int8.tflite"] if "model_int8.tflite" in sidecar["models"] else [])
+    for name in names:
         assert sidecar["models"][name]["sha256"] == sha256_of(MODELS / name)
         assert parity["models"][name]["gate_failures"] == [], f"{name} failed its parity gate"
-    for name in ("model_int8.onnx", "model_int8.tflite"):
+    for name in names[1:]:
         assert (MODELS / name).stat().st_size <= 5_000_000  # a few MB: fits an SD card and a git repo
+    if sidecar.get("lungs"):
+        assert parity["lungs"]["masks_identical"] == parity["lungs"]["images"] == 652 + 624
 
 
 def test_cli_on_files_folder_and_bad_inputs(tmp_path, capsys):
@@ -113,8 +155,13 @@ def test_runtime_refuses_a_model_whose_sha256_differs_from_the_sidecar(tmp_path,
 
 def test_sidecar_lists_every_exported_file_with_sha256():
     require_committed_export()
-    sidecar = json.loads((MODELS / SIDECAR_NAME).read_text())
+    sidecar = committed_sidecar()
     listed = set(sidecar["models"]) | ({sidecar["gate"]["file"]} if sidecar.get("gate") else set())
+    if sidecar.get("lungs"):
+        listed |= {sidecar["lungs"]["file"], sidecar["lungs"]["config_file"]}
+        for key in ("file", "config_file"):
+            name, digest = sidecar["lungs"][key], sidecar["lungs"]["sha256" if key == "file" else "config_sha256"]
+            assert sha256_of(MODELS / name) == digest, f"{name} differs from the sidecar"
     present = {path.name for path in MODELS.iterdir() if path.suffix in (".onnx", ".tflite", ".safetensors")}
     assert present <= listed, f"exported files missing from {SIDECAR_NAME}: {sorted(present - listed)}"
     for name, entry in sidecar["models"].items():
@@ -123,28 +170,31 @@ def test_sidecar_lists_every_exported_file_with_sha256():
             assert sha256_of(MODELS / name) == entry["sha256"], f"{name} differs from the sidecar"
 
 
+def _app_and_edge(edge: EdgePredictor, paths) -> list:
+    """(app result, edge result) per image, each front preparing the image itself (its own segmenter)."""
+    from pneunet.predictor import Predictor
+
+    app = Predictor.load(SHIPPED, gate=False)
+    app_images, edge_images = [app.prepare(path) for path in paths], [edge.prepare(path) for path in paths]
+    app_results = app.predict_inputs(np.stack([i.model_input for i in app_images]), heatmap=True, lungs=[i.lungs for i in app_images])
+    edge_results = edge.predict_inputs(np.stack([i.model_input for i in edge_images]), heatmap=True,
+                                       lungs=[i.lungs for i in edge_images])
+    return list(zip(app_results, edge_results))
+
+
 def test_committed_default_export_matches_shipped_pytorch_model():
-    """Labels and heatmaps of the runner's default export against the app's PyTorch path on the examples."""
-    require_committed_export()
-    if not SHIPPED.is_file():
-        pytest.skip(f"{SHIPPED} not present")
-    import torch
-
-    from pneunet.cam import class_activation_map
-    from pneunet.checkpoint import load_checkpoint
-
-    model, config = load_checkpoint(SHIPPED)
+    """Labels, lung masks and shown heatmaps of the runner's default export against the app's PyTorch
+    predictor on the examples."""
+    require_export_of_shipped_model()
     edge = EdgePredictor.load(gate=False)
-    inputs = np.stack([edge.prepare(path)[1] for path in EXAMPLE_FILES])
-    with torch.inference_mode():
-        logits = model(torch.from_numpy(inputs)).numpy()
-        maps = class_activation_map(model, torch.from_numpy(inputs)).numpy()
-    torch_probabilities = 1 / (1 + np.exp(-logits / config.temperature))
     correlations = []
-    for result, probability, torch_map in zip(edge.predict_inputs(inputs, heatmap=True), torch_probabilities, maps):
-        assert (result.pneumonia_probability >= config.threshold) == (probability >= config.threshold)
-        if torch_map.max() > 0:  # a flat map (no evidence for pneumonia anywhere) has no correlation
-            correlations.append(np.corrcoef(result.heatmap.ravel(), torch_map.ravel())[0, 1])
+    for app, result in _app_and_edge(edge, EXAMPLE_FILES):
+        assert result.label == app.label, (result.pneumonia_probability, app.pneumonia_probability)
+        assert (app.lungs is None) == (result.lungs is None)
+        if app.lungs is not None:
+            np.testing.assert_array_equal(result.lungs.mask, app.lungs.mask)
+        if app.heatmap.max() > 0 and result.heatmap.max() > 0:  # a flat map (no evidence anywhere) has no correlation
+            correlations.append(np.corrcoef(result.heatmap.ravel(), app.heatmap.ravel())[0, 1])
     assert len(correlations) >= 3
     # The default is int8: its maps follow PyTorch's closely on average (parity gate: mean r 0.976 over
     # 1,276 images, docs/export_parity.md) but a borderline image's diffuse map can differ more (0.74 here).
@@ -190,13 +240,17 @@ def test_default_model_follows_the_installed_runtime(monkeypatch):
 
 
 def test_int8_tflite_export_agrees_with_int8_onnx_export():
-    """The two committed int8 files give the same labels and close probabilities and heatmaps."""
+    """The two committed int8 files give the same labels and close probabilities and heatmaps (the
+    TFLite classifier with the same ONNX segmenter: onnxruntime is installed here)."""
     require_committed_export()
+    if DEFAULT_TFLITE_MODEL.name not in committed_sidecar()["models"]:
+        pytest.skip(f"edge/models has no {DEFAULT_TFLITE_MODEL.name} (exported without the TFLite converter environment)")
     onnx = EdgePredictor.load(DEFAULT_MODEL, gate=False)
     tflite = EdgePredictor.load(DEFAULT_TFLITE_MODEL, gate=False)
     assert tflite.model.runtime in ("ai-edge-litert", "tflite-runtime")
-    inputs = np.stack([onnx.prepare(path)[1] for path in EXAMPLE_FILES])
-    pairs = list(zip(onnx.predict_inputs(inputs, heatmap=True), tflite.predict_inputs(inputs, heatmap=True)))
+    prepared = [onnx.prepare(path) for path in EXAMPLE_FILES]
+    inputs, lungs = np.stack([image.model_input for image in prepared]), [image.lungs for image in prepared]
+    pairs = list(zip(onnx.predict_inputs(inputs, heatmap=True, lungs=lungs), tflite.predict_inputs(inputs, heatmap=True, lungs=lungs)))
     threshold = onnx.config.threshold
     for a, b in pairs:
         assert abs(a.pneumonia_probability - b.pneumonia_probability) < 0.05
@@ -205,3 +259,133 @@ def test_int8_tflite_export_agrees_with_int8_onnx_export():
             assert a.label == b.label
     assert sum(a.label == b.label for a, b in pairs) >= len(pairs) - 1
     assert np.mean([np.corrcoef(a.heatmap.ravel(), b.heatmap.ravel())[0, 1] for a, b in pairs]) >= 0.95
+
+
+def test_committed_fp32_export_gives_the_apps_lung_masks_and_evidence():
+    """For a model trained on lung fields: the runner's fp32 export cuts every image to the app's very mask
+    and draws the app's evidence map; the int8 default follows it within the parity gate's tolerance."""
+    require_export_of_shipped_model()
+    if not shipped_lungs():
+        pytest.skip("the shipped model has no lung fields (a model trained on whole images)")
+    from export.parity import INT8_GATE, pearson
+
+    for model, per_image in ((MODELS / "model_fp32.onnx", True), (DEFAULT_MODEL, False)):
+        pairs = _app_and_edge(EdgePredictor.load(model, gate=False), EXAMPLE_FILES)
+        correlations = []
+        for app, result in pairs:
+            np.testing.assert_array_equal(result.lungs.mask, app.lungs.mask)
+            assert result.lungs.plausible == app.lungs.plausible
+            evidence, app_evidence = result.evidence["pneumonia"], app.evidence["pneumonia"]
+            assert evidence.shape == app_evidence.shape == (224, 224)
+            if per_image:
+                scale = float(np.abs(app_evidence).max())
+                np.testing.assert_allclose(evidence, app_evidence, rtol=0, atol=1e-4 * scale)
+                np.testing.assert_allclose(result.heatmap, app.heatmap, rtol=0, atol=1e-3)
+            correlations.append(pearson(evidence, app_evidence))
+        if not per_image:
+            assert np.nanmean(correlations) >= INT8_GATE.min_evidence_r, correlations
+
+
+# ---------------------------------------------------------------- the segmenter shipped beside an export
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter(tmp_path_factory):
+    """An untrained small segmenter (ONNX + its .json) whose lungs are never plausible, so every mask is
+    its template: a known box."""
+    import warnings
+
+    from pneunet.lung_model import build_lung_model, save_lung_checkpoint
+    from pneunet.lungs import LungConfig
+
+    template = np.zeros((32, 32), dtype=int)
+    template[6:28, 3:29] = 1
+    config = LungConfig(input_size=64, base_channels=4, depth=2, min_area_share=0.99, template=template.tolist())
+    folder = tmp_path_factory.mktemp("segmenter")
+    with warnings.catch_warnings():  # the legacy TorchScript ONNX exporter's deprecation notes
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message="You are using the legacy TorchScript")
+        save_lung_checkpoint(build_lung_model(config), config, folder / "lungs.safetensors")
+    return folder / "lungs.onnx"
+
+
+@pytest.fixture
+def lung_export(tmp_path, tiny_segmenter):
+    """An export folder with a lung-field segmenter: the committed fp32 classifier, ``tiny_segmenter``, and a
+    sidecar that says the model was trained with that segmenter and shows evidence on a fixed scale."""
+    require_committed_export()
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model_fp32.onnx").write_bytes((MODELS / "model_fp32.onnx").read_bytes())
+    (out / "pneunet.lungs.onnx").write_bytes(tiny_segmenter.read_bytes())
+    (out / "pneunet.lungs.json").write_bytes(tiny_segmenter.with_suffix(".json").read_bytes())
+    sidecar = committed_sidecar()
+    sidecar["models"] = {"model_fp32.onnx": sidecar["models"]["model_fp32.onnx"]}
+    sidecar.pop("gate", None)
+    sidecar["config"].update(lungs={"onnx_sha256": sha256_of(out / "pneunet.lungs.onnx")}, evidence_scale=0.05)
+    sidecar["lungs"] = {"file": "pneunet.lungs.onnx", "sha256": sha256_of(out / "pneunet.lungs.onnx"),
+                        "config_file": "pneunet.lungs.json", "config_sha256": sha256_of(out / "pneunet.lungs.json")}
+    (out / SIDECAR_NAME).write_text(json.dumps(sidecar))
+    return out
+
+
+def test_runner_cuts_images_to_the_lung_fields_and_shows_evidence_inside_them(lung_export, tmp_path):
+    predictor = EdgePredictor.load(lung_export / "model_fp32.onnx")
+    assert predictor.lungs is not None
+    prepared = predictor.prepare(EXAMPLE_FILES[0])
+    mask = prepared.lungs.mask
+    assert not prepared.lungs.plausible and prepared.lungs.reason  # the template, and the runner says so
+    assert mask[100, 112] and not mask[5, 5] and 0.3 < mask.mean() < 0.8
+    model_input = prepared.model_input[0]
+    dark = (0.0 - predictor.config.mean) / predictor.config.std  # the unit image's black after normalize
+    np.testing.assert_allclose(model_input[:8, :8], dark, atol=1e-6)  # outside the region: suppressed
+    assert model_input[mask].std() > 0.1  # inside: the image
+    result = predictor.predict(EXAMPLE_FILES[0], heatmap=True)
+    evidence = result.evidence["pneumonia"]
+    assert evidence.shape == result.heatmap.shape == (224, 224) and result.lungs is not None
+    np.testing.assert_array_equal(result.heatmap, display_map(evidence, result.lungs.mask, 0.05))
+    assert result.heatmap[~mask].max() == 0 and 0 <= result.heatmap.min() and result.heatmap.max() <= 1
+    normal = predictor.predict_inputs(prepared.model_input[None], heatmap=True, target="normal", lungs=[prepared.lungs])[0]
+    np.testing.assert_allclose(normal.evidence["normal"], -evidence, atol=1e-7)
+    # --heatmaps: the raw evidence map at the image's own size, as python -m pneunet predict --heatmaps
+    assert main([str(EXAMPLE_FILES[0]), "--model", str(lung_export / "model_fp32.onnx"), "--heatmaps",
+                 str(tmp_path / "maps"), "--cam", str(tmp_path / "cams")]) == 0
+    saved = np.load(tmp_path / "maps" / f"{EXAMPLE_FILES[0].stem}_evidence.npy")
+    from PIL import Image
+
+    assert saved.shape == Image.open(EXAMPLE_FILES[0]).size[::-1] and saved.dtype == np.float32
+    assert abs(float(saved.mean()) - float(evidence.mean())) < 0.05 * float(np.abs(evidence).max())
+
+
+@pytest.mark.parametrize("damage", ["segmenter changed", "segmenter config changed", "segmenter missing",
+                                    "not the trained one", "no lungs entry"])
+def test_runner_refuses_a_segmenter_that_is_not_the_trained_one(lung_export, capsys, damage):
+    sidecar = json.loads((lung_export / SIDECAR_NAME).read_text())
+    if damage == "segmenter changed":
+        data = bytearray((lung_export / "pneunet.lungs.onnx").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (lung_export / "pneunet.lungs.onnx").write_bytes(bytes(data))
+    elif damage == "segmenter config changed":
+        (lung_export / "pneunet.lungs.json").write_text((lung_export / "pneunet.lungs.json").read_text().replace("0.99", "0.08"))
+    elif damage == "segmenter missing":
+        (lung_export / "pneunet.lungs.onnx").unlink()
+    elif damage == "not the trained one":
+        sidecar["config"]["lungs"] = {"onnx_sha256": "0" * 64}
+    else:
+        del sidecar["lungs"]
+    (lung_export / SIDECAR_NAME).write_text(json.dumps(sidecar))
+    with pytest.raises(EdgeModelError, match="segmenter") as error:
+        EdgePredictor.load(lung_export / "model_fp32.onnx")
+    assert "re-export" in str(error.value) or "re-copy" in str(error.value)
+    assert main([str(EXAMPLE_FILES[0]), "--model", str(lung_export / "model_fp32.onnx")]) == 2
+    assert "segmenter" in capsys.readouterr().err
+
+
+def test_runner_without_onnxruntime_says_the_segmenter_needs_it(lung_export, monkeypatch):
+    """A TFLite-only install cannot run the lung-field segmenter (ONNX): a clear refusal, not a traceback."""
+    model = EdgeModel.load(lung_export / "model_fp32.onnx")
+    real_find_spec = edge_run.importlib.util.find_spec
+    monkeypatch.setattr(edge_run.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxruntime" else real_find_spec(name, *args))
+    with pytest.raises(EdgeModelError, match="needs onnxruntime for its lung-field segmenter"):
+        edge_run.load_lungs(model)

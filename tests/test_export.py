@@ -1,7 +1,9 @@
 """Export: frozen padding is exact, ONNX fp32 matches PyTorch, int8 agrees, the sidecar is complete,
-and the runner's heatmap equals the app's. Exports the shipped model (or $PNEUNET_CHECKPOINT) live,
-ONNX only (TFLite conversion needs the converter environment; the committed int8 .tflite file is tested
-in test_edge.py).
+the segmenter travels verbatim, and the runner's lung masks, evidence and heatmaps equal the app's.
+Exports the shipped model (or $PNEUNET_CHECKPOINT) live, ONNX only (TFLite conversion needs the
+converter environment; the committed int8 .tflite file is tested in test_edge.py). The lung-field tests
+need a checkpoint trained on lung fields (config.lungs): the shipped one once it is, or e.g.
+PNEUNET_CHECKPOINT=/tmp/cls-smoke/model.safetensors; they skip otherwise.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pneunet.cam import class_activation_map, normalise_maps
 from pneunet.checkpoint import load_checkpoint
 from pneunet.config import ModelConfig
 from pneunet.heatmap import normalise_map
+from pneunet.lungs import lungs_path_for
 from pneunet.models import build_model, default_config
-from pneunet.preprocessing import preprocess
+from pneunet.predictor import Predictor
 from tests.helpers import EXAMPLES, REPO_ROOT, require_data
 
 SHIPPED = REPO_ROOT / "pneunet" / "weights" / "pneunet.safetensors"
@@ -75,11 +78,19 @@ def test_numpy_heatmap_matches_torch_upsampling():
         np.testing.assert_allclose(normalise_map(cam, size), expected, atol=1e-6)
 
 
+def app_inputs(checkpoint: Path, paths: list[Path]) -> np.ndarray:
+    """Model inputs as the app makes them (``Predictor.prepare``: ``model_view``, lung-suppressed for a
+    model trained on lung fields)."""
+    app = Predictor.load(checkpoint, gate=False)
+    return np.stack([app.prepare(path).model_input for path in paths])
+
+
 def test_sidecar_is_complete(exported):
     checkpoint, out = exported
     sidecar = json.loads((out / SIDECAR_NAME).read_text())
     _, config = load_checkpoint(checkpoint)
-    assert ModelConfig.from_dict(sidecar["config"]) == config  # threshold, temperature, mean/std, equalize, size
+    # threshold, temperature, mean/std, equalize, size, the segmenter it was trained with, the evidence scale
+    assert ModelConfig.from_dict(sidecar["config"]) == config
     assert sidecar["labels"] == list(config.labels)
     assert sidecar["source_checkpoint"]["sha256"] == sha256_of(checkpoint)
     assert len(sidecar["classifier"]["weight"]) == 1280 and isinstance(sidecar["classifier"]["bias"], float)
@@ -98,6 +109,18 @@ def test_sidecar_is_complete(exported):
     assert any(name.startswith("/head/") for name in floats), floats
     assert not any(name.startswith("/features/") for name in floats), floats
     assert "VNNI" in quantization["kernels"]
+    listed = set(sidecar["models"]) | ({sidecar["gate"]["file"]} if "gate" in sidecar else set())
+    if config.lungs:  # the checkpoint's segmenter, byte for byte, and calibration on what the classifier sees
+        entry = sidecar["lungs"]
+        source = lungs_path_for(checkpoint)
+        assert (out / entry["file"]).read_bytes() == source.read_bytes()
+        assert (out / entry["config_file"]).read_bytes() == source.with_suffix(".json").read_bytes()
+        assert entry["sha256"] == sha256_of(out / entry["file"]) == config.lungs["onnx_sha256"]
+        assert "lung-suppressed" in quantization["calibration_inputs"]
+        listed |= {entry["file"], entry["config_file"]}
+    else:
+        assert "lungs" not in sidecar
+    assert {path.name for path in out.iterdir()} == listed | {SIDECAR_NAME}  # nothing unlisted, nothing missing
 
 
 def test_tflite_float_module_filter_keeps_only_the_named_modules_float():
@@ -131,7 +154,7 @@ def _torch_outputs(checkpoint: Path, inputs: np.ndarray) -> tuple[np.ndarray, np
 def test_onnx_fp32_matches_pytorch(exported):
     checkpoint, out = exported
     model = EdgeModel.load(out / "model_fp32.onnx")
-    inputs = np.stack([preprocess(path, model.config) for path in real_images(8)])
+    inputs = app_inputs(checkpoint, real_images(8))
     torch_logits, torch_features, _ = _torch_outputs(checkpoint, inputs)
     logits, features = model.run(inputs)
     np.testing.assert_allclose(logits, torch_logits, atol=1e-4)
@@ -142,7 +165,7 @@ def test_onnx_fp32_matches_pytorch(exported):
 def test_onnx_int8_agrees_with_pytorch(exported):
     checkpoint, out = exported
     model = EdgeModel.load(out / "model_int8.onnx")
-    inputs = np.stack([preprocess(path, model.config) for path in real_images(24)])
+    inputs = app_inputs(checkpoint, real_images(24))
     torch_logits, _, _ = _torch_outputs(checkpoint, inputs)
     logits, _ = model.run(inputs)
     threshold = model.config.threshold
@@ -151,25 +174,70 @@ def test_onnx_int8_agrees_with_pytorch(exported):
     assert np.corrcoef(logits, torch_logits)[0, 1] > 0.98
 
 
-# fp32: every image's heatmap matches. int8: the mean over the informative images, as the parity gate
+def _app_and_runner(checkpoint: Path, model_path: Path, paths: list[Path]) -> list:
+    """(app result, runner result) per image with heatmaps, each front preparing the image itself: the app
+    with the checkpoint's segmenter, the runner with the copy in the export folder."""
+    app, runner = Predictor.load(checkpoint, gate=False), EdgePredictor.load(model_path, gate=False)
+    app_images, runner_images = [app.prepare(path) for path in paths], [runner.prepare(path) for path in paths]
+    return list(zip(
+        app.predict_inputs(np.stack([i.model_input for i in app_images]), heatmap=True, lungs=[i.lungs for i in app_images]),
+        runner.predict_inputs(np.stack([i.model_input for i in runner_images]), heatmap=True, lungs=[i.lungs for i in runner_images])))
+
+
+# fp32: every image's shown heatmap matches. int8: the mean over the informative images, as the parity gate
 # (mean r >= 0.95 over 1,276 images, docs/export_parity.md) judges it; single int8 maps can differ more
-# (p5 0.82 in the parity run), and on 4 images with a 48-image calibration the mean is held to 0.90.
+# (p5 0.82 in the parity run of the model without lung fields), and on 4 images with a 48-image
+# calibration the mean is held to 0.90.
 @pytest.mark.parametrize("name, min_r, per_image", [("model_fp32.onnx", 0.999, True), ("model_int8.onnx", 0.90, False)])
 def test_runner_heatmap_matches_app_heatmap(exported, name, min_r, per_image):
     checkpoint, out = exported
-    predictor = EdgePredictor.load(out / name, gate=False)
-    paths = real_images(4)
-    inputs = np.stack([predictor.prepare(path)[1] for path in paths])
-    _, _, torch_maps = _torch_outputs(checkpoint, inputs)
     compared, correlations = 0, []
-    for result, torch_map in zip(predictor.predict_inputs(inputs, heatmap=True), torch_maps):
-        assert result.heatmap.shape == torch_map.shape == (224, 224)
-        if torch_map.max() == 0:  # no evidence for pneumonia anywhere: a flat map, nothing to correlate
+    for app, result in _app_and_runner(checkpoint, out / name, real_images(4)):
+        assert result.heatmap.shape == app.heatmap.shape == (224, 224)
+        if app.heatmap.max() == 0 or result.heatmap.max() == 0:  # no evidence for pneumonia anywhere: a flat map
             continue
-        correlations.append(np.corrcoef(result.heatmap.ravel(), torch_map.ravel())[0, 1])
+        correlations.append(np.corrcoef(result.heatmap.ravel(), app.heatmap.ravel())[0, 1])
         compared += 1
     assert compared >= 2
     if per_image:
         assert min(correlations) >= min_r, correlations
     else:
         assert np.mean(correlations) >= min_r, correlations
+
+
+def test_runner_gives_the_apps_lung_masks_and_evidence(exported):
+    """For a model trained on lung fields, on real test X-rays: the same mask on both fronts (the same ONNX
+    segmenter, copied verbatim), and with the fp32 export the same raw evidence map and shown heatmap;
+    the int8 export's evidence maps within the parity gate's tolerance (mean r)."""
+    from export.parity import INT8_GATE, pearson
+
+    checkpoint, out = exported
+    _, config = load_checkpoint(checkpoint)
+    if not config.lungs:
+        pytest.skip(f"{checkpoint.name} has no lung fields; set PNEUNET_CHECKPOINT to a checkpoint trained with them")
+    paths = real_images(8)[-4:]  # test-set X-rays of both classes
+    for name in ("model_fp32.onnx", "model_int8.onnx"):
+        correlations = []
+        for app, result in _app_and_runner(checkpoint, out / name, paths):
+            np.testing.assert_array_equal(result.lungs.mask, app.lungs.mask)
+            np.testing.assert_array_equal(result.lungs.region, app.lungs.region)
+            evidence, app_evidence = result.evidence["pneumonia"], app.evidence["pneumonia"]
+            assert evidence.shape == app_evidence.shape == (224, 224)
+            if name == "model_fp32.onnx":
+                np.testing.assert_allclose(evidence, app_evidence, rtol=0, atol=1e-4 * float(np.abs(app_evidence).max()))
+                np.testing.assert_allclose(result.heatmap, app.heatmap, rtol=0, atol=1e-3)
+            assert result.heatmap[~result.lungs.mask].max(initial=0) == 0  # shown inside the lungs only
+            correlations.append(pearson(evidence, app_evidence))
+        if name == "model_int8.onnx":
+            assert np.mean(correlations) >= INT8_GATE.min_evidence_r, correlations
+
+
+def test_export_replaces_what_an_earlier_export_left(tmp_path):
+    """Files of an earlier export that this one does not write (a .tflite of another checkpoint, a
+    segmenter or gate the model does not have) are removed, so the folder holds what the sidecar lists."""
+    from export.__main__ import OPTIONAL_FILES, _remove_stale
+
+    for name in OPTIONAL_FILES:
+        (tmp_path / name).write_bytes(b"stale")
+    _remove_stale(tmp_path, {"pneunet.lungs.onnx", "pneunet.lungs.json"})
+    assert {path.name for path in tmp_path.iterdir()} == {"pneunet.lungs.onnx", "pneunet.lungs.json"}

@@ -32,14 +32,28 @@ DEFAULT_TFLITE_MODEL = DEFAULT_MODEL.with_suffix(".tflite")
 INT8_KERNELS = ("auto", "fused", "reference")
 
 
+def passes_parity(model: Path) -> bool:
+    """Whether the export sidecar beside ``model`` records a passed parity gate for it."""
+    sidecar = model.parent / "pneunet_edge.json"
+    try:
+        entry = json.loads(sidecar.read_text())["models"][model.name]
+    except (OSError, ValueError, KeyError):
+        return False
+    return entry.get("parity_gate", {}).get("result") == "pass"
+
+
 def default_model() -> Path:
     """The committed int8 export for the runtime that is installed: ONNX with onnxruntime, else TFLite
-    with ai-edge-litert or tflite-runtime (else ONNX, whose loader then says what to install)."""
+    with ai-edge-litert or tflite-runtime (else ONNX, whose loader then says what to install). An int8
+    ONNX export that failed its parity gate is never the default: the fp32 export is, when it passed."""
     def installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
 
     if not installed("onnxruntime") and (installed("ai_edge_litert") or installed("tflite_runtime")):
         return DEFAULT_TFLITE_MODEL
+    fp32 = DEFAULT_MODEL.with_name("model_fp32.onnx")
+    if not passes_parity(DEFAULT_MODEL) and passes_parity(fp32):
+        return fp32
     return DEFAULT_MODEL
 
 

@@ -28,3 +28,27 @@ def test_all_good_files_exit_0_and_print_one_line_each(capsys):
     assert main(["predict", *files, "--quiet"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[1] for line in lines] == ["pneumonia"] * len(files)
+
+
+def test_heatmaps_saves_raw_evidence_at_the_images_own_size_and_cam_draws_the_bar(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pneunet.predictor import Predictor
+
+    wide = tmp_path / "wide.png"
+    source = sorted(EXAMPLES.glob("pneumonia_*.jpeg"))[0]
+    Image.open(source).convert("L").resize((300, 200)).save(wide)
+    assert main(["predict", str(wide), "--heatmaps", str(tmp_path / "maps"), "--cam", str(tmp_path / "cam"),
+                 "--csv", str(tmp_path / "out.csv"), "--no-gate"]) == 0
+    evidence = np.load(tmp_path / "maps" / "wide_evidence.npy")
+    assert evidence.shape == (200, 300) and evidence.dtype == np.float32
+    # raw: before lung masking, so it is not zero outside the lungs, and it is the predictor's own map
+    result = Predictor.load(gate=False).predict(wide, heatmap=True, gate=False)
+    stretched = np.asarray(Image.fromarray(result.evidence["pneumonia"]).resize((300, 200), Image.Resampling.BILINEAR))
+    assert np.allclose(evidence, stretched, atol=1e-6)
+    assert np.abs(evidence[~np.asarray(Image.fromarray(result.lungs.mask).resize((300, 200)))]).max() > 0
+    overlay = Image.open(tmp_path / "cam" / "wide_cam.png")
+    assert overlay.height == 200 and overlay.width > 300
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    assert rows[0]["lung_fields"] == "found"

@@ -11,6 +11,7 @@ import pytest
 
 from pneunet.checkpoint import CheckpointError, load_checkpoint
 from pneunet.gate import GateFileError, InputGate, gate_path_for, gate_sidecar_path
+from pneunet.lungs import LungFileError, lungs_path_for
 from pneunet.predictor import DEFAULT_CHECKPOINT, Predictor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,10 +19,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture()
 def shipped_copy(tmp_path) -> Path:
-    """The shipped checkpoint, its sidecar, gate and gate sidecar, copied to a temporary folder."""
+    """The shipped checkpoint, its sidecar, gate, gate sidecar and lung-field segmenter (ONNX + sidecar),
+    copied to a temporary folder."""
     target = tmp_path / "pneunet.safetensors"
+    lungs = lungs_path_for(DEFAULT_CHECKPOINT)
     for source in (DEFAULT_CHECKPOINT, DEFAULT_CHECKPOINT.with_suffix(".json"), gate_path_for(DEFAULT_CHECKPOINT),
-                   gate_sidecar_path(gate_path_for(DEFAULT_CHECKPOINT))):
+                   gate_sidecar_path(gate_path_for(DEFAULT_CHECKPOINT)), lungs, lungs.with_suffix(".json")):
         if not source.is_file():
             pytest.fail(f"{source} missing from the shipped model")
         shutil.copy(source, tmp_path / source.name)
@@ -65,6 +68,17 @@ def test_damaged_gate_is_refused_naming_the_file(shipped_copy, damage):
 def test_gate_without_recorded_sha256_is_refused(shipped_copy):
     gate_sidecar_path(gate_path_for(shipped_copy)).unlink()
     with pytest.raises(GateFileError, match="no recorded sha256"):
+        Predictor.load(shipped_copy)
+
+
+@pytest.mark.parametrize("damage", [flip_byte, truncate], ids=["tampered", "truncated"])
+def test_damaged_lung_segmenter_is_refused_naming_the_file(shipped_copy, damage):
+    lungs = lungs_path_for(shipped_copy)
+    if damage is flip_byte:
+        damage(lungs, lungs.stat().st_size - 100)
+    else:
+        damage(lungs)
+    with pytest.raises(LungFileError, match=re.escape(str(lungs)) + ".*sha256"):
         Predictor.load(shipped_copy)
 
 

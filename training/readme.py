@@ -31,11 +31,20 @@ def results_block() -> str:
         f"{t['sensitivity']:.4f} | {t['specificity']:.4f} | {t['ece']:.4f} |",
         "",
         f"Median latency on 2 CPU threads: {shipped['inference_ms_2_threads']['predict']:.1f} ms per image, "
-        f"{shipped['inference_ms_2_threads']['predict_with_heatmap']:.1f} ms with the heatmap.",
+        f"{shipped['inference_ms_2_threads']['predict_with_heatmap']:.1f} ms with the heatmap"
+        + (f", after {shipped['inference_ms_2_threads']['lung_fields']:.1f} ms to find the lung fields."
+           if "lung_fields" in shipped["inference_ms_2_threads"] else "."),
     ]
+    if shipped.get("baseline"):
+        from training.ship import side_by_side
+
+        lines += ["", "Where the evidence sits, on adults from another hospital and under the shortcut probe — the model "
+                  "shipped before lung fields and this one, on the test splits (the same table for validation, the "
+                  "images, and what each figure means: the report):", "",
+                  *side_by_side([("previous model", shipped["baseline"]["test"]), ("**shipped model**", shipped["evaluation_test"])])]
     comparison_file = REPO_ROOT / "docs" / "comparison" / "comparison.json"
     if comparison_file.exists():
-        lines += ["", "Every registry architecture under one protocol, one seed each "
+        lines += ["", "Before lung fields (whole images, Kermany only), every registry architecture under one protocol, one seed each "
                   "([docs/comparison/comparison.md](docs/comparison/comparison.md), `python -m training.compare`):", "",
                   "| architecture | params | input | pretrained | epochs run / recipe | s/epoch | val AUC | test AUC | "
                   "test sens | test spec | hardware |",
@@ -50,7 +59,7 @@ def results_block() -> str:
     if sweep_file.exists():
         summary = json.loads(sweep_file.read_text())["summary"]
         chosen = next(entry for entry in summary if entry["chosen"])
-        lines += ["", f"The shipped recipe (`{chosen['args']}` on top of the registry's) was chosen among "
+        lines += ["", f"The earlier recipe (`{chosen['args']}` on top of the registry's) was chosen among "
                   f"{len(summary)} variants × {chosen['seeds']} seeds on validation and a shift proxy only "
                   "([docs/sweep/sweep.md](docs/sweep/sweep.md), `python -m training.sweep`)."]
     return "\n".join(lines)

@@ -41,7 +41,8 @@ def results_block() -> str:
         lines += ["", "Where the evidence sits, on adults from another hospital and under the shortcut probe — the model "
                   "shipped before lung fields and this one, on the test splits (the same table for validation, the "
                   "images, and what each figure means: the report):", "",
-                  *side_by_side([("previous model", shipped["baseline"]["test"]), ("**shipped model**", shipped["evaluation_test"])])]
+                  *side_by_side([("previous model", shipped["baseline"]["test"]), ("**shipped model**", shipped["evaluation_test"])]
+                                + [(f"ablation: {a['name']}", a["test"]) for a in shipped.get("ablations", [])])]
     comparison_file = REPO_ROOT / "docs" / "comparison" / "comparison.json"
     if comparison_file.exists():
         lines += ["", "Before lung fields (whole images, Kermany only), every registry architecture under one protocol, one seed each "

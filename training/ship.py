@@ -376,15 +376,6 @@ def main(args: argparse.Namespace) -> None:
         base = Path(args.baseline)
         baseline = {"checkpoint": str(base), "val": _evaluate(base, "val", base.parent / "eval-val", args),
                     "test": _evaluate(base, "test", base.parent / "eval-test", args)}
-    (WEIGHTS_DIR / "metrics.json").write_text(json.dumps(
-        {"test": test["metrics"], "val": val["metrics"], "shift_proxy_val": val["shift_proxy"],
-         "inference_ms_2_threads": timing, "chosen_from": [c["checkpoint"] for c in candidates],
-         "seed_spread_test": {s["checkpoint"]: s["test"]["metrics"] for s in seeds},
-         # what README's side-by-side table reads (training.readme -> side_by_side)
-         "evaluation_test": _evidence_keys(test), "evaluation_val": _evidence_keys(val),
-         "baseline": baseline and {"checkpoint": baseline["checkpoint"], "test": _evidence_keys(baseline["test"]),
-                                   "val": _evidence_keys(baseline["val"])}}, indent=2) + "\n")
-    cpu_reference = read_sidecar(args.cpu_reference)["config"] if args.cpu_reference else None
     ablations = []
     for path in map(Path, args.ablations):
         name = read_sidecar(path)["config"]["provenance"]
@@ -392,6 +383,18 @@ def main(args: argparse.Namespace) -> None:
                           "name": ("no nih_adult224 in training" if not name.get("nih_train_images") else path.parent.name),
                           "val": _evaluate(path, "val", path.parent / "eval-val", args),
                           "test": _evaluate(path, "test", path.parent / "eval-test", args)})
+    (WEIGHTS_DIR / "metrics.json").write_text(json.dumps(
+        {"test": test["metrics"], "val": val["metrics"], "shift_proxy_val": val["shift_proxy"],
+         "inference_ms_2_threads": timing, "chosen_from": [c["checkpoint"] for c in candidates],
+         "seed_spread_test": {s["checkpoint"]: s["test"]["metrics"] for s in seeds},
+         # what README's side-by-side table reads (training.readme -> side_by_side)
+         "evaluation_test": _evidence_keys(test), "evaluation_val": _evidence_keys(val),
+         "baseline": baseline and {"checkpoint": baseline["checkpoint"], "test": _evidence_keys(baseline["test"]),
+                                   "val": _evidence_keys(baseline["val"])},
+         "ablations": [{"name": a["name"], "checkpoint": a["checkpoint"], "command": a["command"],
+                        "test": _evidence_keys(a["test"]), "val": _evidence_keys(a["val"])} for a in ablations]},
+        indent=2) + "\n")
+    cpu_reference = read_sidecar(args.cpu_reference)["config"] if args.cpu_reference else None
     lung_report = None
     lung_weights = lungs_path_for(DEFAULT_CHECKPOINT).with_suffix(".safetensors")
     if lung_weights.is_file():

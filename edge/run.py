@@ -26,7 +26,7 @@ from PIL import Image
 
 from edge.runtime import INT8_KERNELS, SIDECAR_NAME, EdgeModel, EdgeModelError, sha256_of
 from pneunet.cli import expand_paths, predict_files  # torch-free: torch is imported inside its commands
-from pneunet.heatmap import display_map, evidence_map, heatmap_from_features
+from pneunet.heatmap import evidence_and_shown, heatmap_from_features, target_sign
 from pneunet.lungs import LungFields, LungFileError, LungFinder, model_view
 from pneunet.preprocessing import ImageSource, decode, load_grey
 
@@ -100,8 +100,7 @@ class EdgePredictor:
                        lungs: Sequence[LungFields | None] | None = None) -> list[EdgePrediction]:
         """(N, channels, H, W) inputs from ``prepare`` (their lung fields in ``lungs``: the masks bound the
         shown heatmaps) -> predictions (a gate refusal is set, not raised)."""
-        if target not in ("pneumonia", "normal"):
-            raise ValueError(f"unknown CAM target {target!r}; use 'pneumonia' or 'normal'")
+        target_sign(target)  # an unknown target fails before the model runs
         logits, features = self.model.run(inputs)
         probabilities = self.model.pneumonia_probability(logits)
         lungs = list(lungs) if lungs is not None else [None] * len(logits)
@@ -120,13 +119,11 @@ class EdgePredictor:
     def _maps(self, feature_map: np.ndarray, target: str, fields: LungFields | None) -> tuple[np.ndarray, dict]:
         """(shown map, {target: raw evidence map}) for one (C, h, w) feature map, with the same numpy
         functions as ``Predictor._evidence_maps`` (legacy per-image CAM without an evidence scale)."""
-        sign = 1.0 if target == "pneumonia" else -1.0
-        size = (self.config.image_size, self.config.image_size)
         weight = self.model.classifier_weight
         if not self.config.evidence_scale:
-            return heatmap_from_features(feature_map, weight, size, sign), {}
-        evidence = evidence_map(feature_map, weight, self.config.temperature, size, sign)
-        shown = display_map(evidence, None if fields is None else fields.mask, self.config.evidence_scale)
+            size = (self.config.image_size, self.config.image_size)
+            return heatmap_from_features(feature_map, weight, size, target_sign(target)), {}
+        evidence, shown = evidence_and_shown(feature_map, weight, self.config, target, None if fields is None else fields.mask)
         return shown, {target: evidence}
 
     def predict(self, source: ImageSource, heatmap: bool = False, target: str = "pneumonia") -> EdgePrediction:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pneunet.heatmap import target_sign
 from pneunet.models import PneuNetModel
 
 
@@ -34,19 +35,13 @@ def normalise_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return maps / peak[:, None, None]
 
 
-def _target_sign(target: str) -> float:
-    if target not in ("pneumonia", "normal"):
-        raise ValueError(f"unknown CAM target {target!r}; use 'pneumonia' or 'normal'")
-    return 1.0 if target == "pneumonia" else -1.0
-
-
 @torch.inference_mode()
 def cam_from_feature_map(model: PneuNetModel, features: torch.Tensor, size: tuple[int, int],
                          target: str = "pneumonia") -> torch.Tensor:
     """Gradient-free CAM from an already computed (N, C, h, w) feature map, upsampled to ``size``
     (lets a caller run ``model.features`` once for the logits, the pooled features and the map)."""
     weight, _ = classifier_weights(model)
-    maps = torch.einsum("c,nchw->nhw", _target_sign(target) * weight.to(features.dtype), features)
+    maps = torch.einsum("c,nchw->nhw", target_sign(target) * weight.to(features.dtype), features)
     return normalise_maps(maps, size)
 
 
@@ -88,7 +83,7 @@ class GradCAM:
         with torch.enable_grad():
             images = images.detach().requires_grad_(True)
             logits = self.model(images)
-            score = _target_sign(target) * logits
+            score = target_sign(target) * logits
             score.sum().backward()
         features, gradients = self._features.detach(), self._features.grad.detach()
         self.features = features  # kept for callers that also want pooled features

@@ -73,6 +73,22 @@ def evidence_map(features: np.ndarray, weight: np.ndarray, temperature: float, s
     return upsample_bilinear(evidence_cells(features, weight, temperature, sign), size).astype(np.float32)
 
 
+def target_sign(target: str) -> float:
+    """+1 explains the pneumonia class, -1 the normal class."""
+    if target not in ("pneumonia", "normal"):
+        raise ValueError(f"unknown CAM target {target!r}; use 'pneumonia' or 'normal'")
+    return 1.0 if target == "pneumonia" else -1.0
+
+
+def evidence_and_shown(features: np.ndarray, weight: np.ndarray, config, target: str,
+                       lung_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(raw evidence map, shown map) of one (C, h, w) feature map for ``target``, on ``config``'s temperature
+    and evidence scale: what the app, the CLI and the edge runner all compute."""
+    size = (config.image_size, config.image_size)
+    evidence = evidence_map(features, weight, config.temperature, size, target_sign(target))
+    return evidence, display_map(evidence, lung_mask, config.evidence_scale)
+
+
 def display_map(evidence: np.ndarray, lung_mask: np.ndarray | None, scale: float) -> np.ndarray:
     """What a person sees: positive evidence inside the lung fields on the model's fixed scale, [0, 1]
     (1 = ``scale`` or more). A normal film's map stays cool instead of stretching its hottest speck to red."""

@@ -30,7 +30,7 @@ from pneunet.cam import GradCAM, cam_from_feature_map
 from pneunet.checkpoint import load_checkpoint, sha256_of
 from pneunet.config import ModelConfig
 from pneunet.gate import GateFileError, InputGate, NotAnXrayError, gate_fitted_for, gate_path_for
-from pneunet.heatmap import display_map, evidence_map
+from pneunet.heatmap import evidence_and_shown
 from pneunet.integrity import sha256_of as file_sha256
 from pneunet.lungs import LungFields, LungFileError, LungFinder, lungs_path_for, model_view
 from pneunet.models import PneuNetModel
@@ -152,7 +152,7 @@ class Predictor:
                 features = self.model.features(batch)
                 logits = self.model.head(features).squeeze(-1)
                 if heatmap and self.config.evidence_scale:
-                    evidence, maps_np = self._evidence_maps(features, size, targets, lungs)
+                    evidence, maps_np = self._evidence_maps(features, targets, lungs)
                 elif heatmap:
                     maps = {t: cam_from_feature_map(self.model, features, size, t) for t in targets}
         else:
@@ -168,19 +168,16 @@ class Predictor:
                              {t: e[i] for t, e in evidence.items()}, lungs[i])
                 for i, logit in enumerate(logits_np)]
 
-    def _evidence_maps(self, features: torch.Tensor, size: tuple[int, int], targets: list[str],
+    def _evidence_maps(self, features: torch.Tensor, targets: list[str],
                        lungs: list[LungFields | None]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(raw evidence maps, shown maps) per target, in numpy with the same functions as the edge runner."""
         weight = self.model.head[-1].weight.detach().float().cpu().numpy()[0]
         feature_maps = features.float().cpu().numpy()
         evidence, shown = {}, {}
         for t in targets:
-            sign = 1.0 if t == "pneumonia" else -1.0
-            if t not in ("pneumonia", "normal"):
-                raise ValueError(f"unknown CAM target {t!r}; use 'pneumonia' or 'normal'")
-            evidence[t] = np.stack([evidence_map(f, weight, self.config.temperature, size, sign) for f in feature_maps])
-            shown[t] = np.stack([display_map(e, None if l is None else l.mask, self.config.evidence_scale)
-                                 for e, l in zip(evidence[t], lungs)])
+            pairs = [evidence_and_shown(f, weight, self.config, t, None if l is None else l.mask)
+                     for f, l in zip(feature_maps, lungs)]
+            evidence[t], shown[t] = np.stack([e for e, _ in pairs]), np.stack([m for _, m in pairs])
         return evidence, shown
 
     def predict(self, source: ImageSource, heatmap: bool = False, target: str | Sequence[str] = "pneumonia",

@@ -29,10 +29,12 @@ from torch.utils.data import DataLoader
 
 from pneunet.cam import GradCAM
 from pneunet.config import ModelConfig
-from pneunet.heatmap import display_map, evidence_map, heatmap_from_features
+from pneunet.heatmap import evidence_map
 from pneunet.lungs import LungFields, LungFinder, model_view
 from pneunet.models import PneuNetModel
+from pneunet.predictor import Predictor
 from pneunet.overlay import overlay_heatmap
+from training import metrics
 from training.data import Example, XrayDataset
 from training.localisation import Box
 from training.shortcuts import shortcut_probe
@@ -56,8 +58,8 @@ def _classifier_weight(model: PneuNetModel) -> np.ndarray:
 
 
 def _batch_maps(model: PneuNetModel, config: ModelConfig, batch: torch.Tensor,
-                with_maps: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
-    """(logits (N,), raw maps (N, H, W) or None, feature maps (N, C, h, w) or None, feature side) of one batch."""
+                with_maps: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(logits (N,), raw maps (N, H, W) or None, feature side) of one batch."""
     size = tuple(batch.shape[-2:])
     if model.pooled_linear or not with_maps:
         with torch.inference_mode():
@@ -65,15 +67,15 @@ def _batch_maps(model: PneuNetModel, config: ModelConfig, batch: torch.Tensor,
             logits = model.head(features).squeeze(-1)
         side = int(features.shape[-1])
         if not with_maps:
-            return logits.float().cpu().numpy().reshape(-1), None, None, side
+            return logits.float().cpu().numpy().reshape(-1), None, side
         feature_maps = features.float().cpu().numpy()
         weight = _classifier_weight(model)
         maps = np.stack([evidence_map(f, weight, config.temperature, size) for f in feature_maps])
-        return logits.float().cpu().numpy().reshape(-1), maps, feature_maps, side
+        return logits.float().cpu().numpy().reshape(-1), maps, side
     with GradCAM(model) as grad_cam:
         maps, logits = grad_cam(batch, "pneumonia")
         side = int(grad_cam.features.shape[-1])
-    return logits.float().cpu().numpy().reshape(-1), maps.float().cpu().numpy(), None, side
+    return logits.float().cpu().numpy().reshape(-1), maps.float().cpu().numpy(), side
 
 
 def score_images(model: PneuNetModel, config: ModelConfig, images: Sequence[Image.Image], lungs: LungFinder | None,
@@ -83,12 +85,12 @@ def score_images(model: PneuNetModel, config: ModelConfig, images: Sequence[Imag
     loader = DataLoader(XrayDataset(list(images), [0] * len(images), config, lungs=lungs), batch_size=batch_size)
     logits, maps, side = [], [], 0
     for batch, _ in loader:
-        batch_logits, batch_maps, _, side = _batch_maps(model, config, batch.to(device, memory_format=torch.channels_last),
+        batch_logits, batch_maps, side = _batch_maps(model, config, batch.to(device, memory_format=torch.channels_last),
                                                         with_maps)
         logits.append(batch_logits)
         if batch_maps is not None:
             maps.append(batch_maps.astype(np.float32))
-    probabilities = 1.0 / (1.0 + np.exp(-np.concatenate(logits).astype(np.float64) / config.temperature))
+    probabilities = metrics.sigmoid(np.concatenate(logits).astype(np.float64) / config.temperature)
     return Scored(probabilities, np.concatenate(maps) if with_maps else None,
                   EVIDENCE_MAP if model.pooled_linear else GRAD_CAM_MAP, side)
 
@@ -167,28 +169,18 @@ class Panel:
 
 def overlay_panels(model: PneuNetModel, config: ModelConfig, images: Sequence[Image.Image], lungs: LungFinder | None,
                    device: torch.device, boxes: Sequence[Sequence[Box]] | None = None) -> list[Panel]:
-    """Each image as the app shows it: ``model_view`` -> the shown map (``display_map`` on the model's fixed
-    evidence scale inside the lungs, or the legacy per-image map for a model without ``evidence_scale``) ->
-    ``overlay_heatmap``. With ``boxes`` (in model-input px), each image's boxes are drawn on it first."""
-    if not images:
-        return []
-    views = [model_view(image, config, lungs) for image in images]
-    batch = torch.from_numpy(np.stack([v[0] for v in views])).to(device, memory_format=torch.channels_last)
-    logits, maps, feature_maps, _ = _batch_maps(model, config, batch, with_maps=True)
-    probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64) / config.temperature))
-    size = tuple(batch.shape[-2:])
+    """Each image as the app shows it: the app's own ``Predictor`` (lung fields, the shown map on the
+    model's scale) -> ``overlay_heatmap``. With ``boxes`` (in model-input px), each image's boxes are drawn first."""
+    predictor = Predictor(model, config, None, lungs)
+    size = (config.image_size, config.image_size)
     panels = []
-    for index, (image, (_, fields)) in enumerate(zip(images, views)):
-        if model.pooled_linear and config.evidence_scale:
-            shown = display_map(maps[index], None if fields is None else fields.mask, config.evidence_scale)
-        elif model.pooled_linear:
-            shown = heatmap_from_features(feature_maps[index], _classifier_weight(model), size)
-        else:
-            shown = maps[index]  # Grad-CAM, already [0, 1] per image
+    for index, image in enumerate(images):
+        result = predictor.predict(image, heatmap=True, gate=False)
         base = image.convert("RGB")
         if boxes is not None:
             base = draw_boxes(base, boxes[index], size)
-        panels.append(Panel(overlay_heatmap(base, shown, fields, scale="fixed" if config.evidence_scale else "relative"), float(probabilities[index]), fields))
+        overlay = overlay_heatmap(base, result.heatmap, result.lungs, scale="fixed" if config.evidence_scale else "relative")
+        panels.append(Panel(overlay, result.pneumonia_probability, result.lungs))
     return panels
 
 

@@ -290,7 +290,7 @@ def write_report(chosen: dict, candidates: list[dict], seeds: list[dict], test: 
             "",
             *side_by_side([("previous model", baseline["val"]), ("**this model**", val)]
                           + [(f"ablation: {a['name']}", a["val"]) for a in ablations]),
-            *([f"", "Ablations (trained for comparison, not candidates for shipping): "
+            *(["", "Ablations (trained for comparison, not candidates for shipping): "
                + "; ".join(f"`{a['checkpoint']}`: `{a['command']}`" for a in ablations)] if ablations else []),
             "",
             "Heatmaps as the app shows them, 24 random Kermany test images (seed 0): [report/test/overlays.png](report/test/overlays.png); "

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,35 +20,7 @@ from pneunet.config import ModelConfig
 from pneunet.lungs import LungFinder, model_view
 from pneunet.preprocessing import load_grey
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_DIR = Path(os.environ.get("PNEUNET_DATA", REPO_ROOT.parent / "shared" / "data" / "kermany224"))
-DEFAULT_SPLIT_FILE = REPO_ROOT / "training" / "splits" / "kermany224.csv"
-# Adult X-rays from another hospital (patient-grouped train/val/test in its labels.csv): the external check.
-DEFAULT_NIH_DIR = DEFAULT_DATA_DIR.parent / "nih_adult224"
-LABELS = {"NORMAL": 0, "PNEUMONIA": 1}
-_PATIENT_PATTERNS = (
-    re.compile(r"^(person\d+)_(?:bacteria|virus)(?:_\d+)+$"),
-    re.compile(r"^((?:NORMAL2-)?IM-\d+)(?:-\d+)+$"),
-)
-
-
-def patient_key(file_name: str) -> str:
-    """The patient a Kermany file belongs to: ``person1946_bacteria_4874`` -> ``person1946``,
-    ``IM-0115-0001`` -> ``IM-0115``, ``NORMAL2-IM-0012-0001`` -> ``NORMAL2-IM-0012``."""
-    stem = Path(file_name).stem
-    for pattern in _PATIENT_PATTERNS:
-        match = pattern.match(stem)
-        if match:
-            return match.group(1)
-    raise ValueError(f"{file_name}: no patient key in the file name (expected personN_... or IM-NNNN-NNNN)")
-
-
-@dataclass(frozen=True)
-class Example:
-    path: str  # relative to the data directory, e.g. train/NORMAL/IM-0115-0001.jpeg
-    label: int  # 1 = pneumonia
-    patient: str
-    split: str  # train, val or test
+from pneunet.datasets import Example, LABELS, data_arguments, patient_key
 
 
 def make_split(data_dir: Path, val_fraction_folds: int = 8, seed: int = 0) -> list[Example]:
@@ -102,32 +71,6 @@ def write_split(examples: list[Example], split_file: Path) -> None:
         writer.writerow(["path", "label", "patient", "split"])
         for example in examples:
             writer.writerow([example.path, example.label, example.patient, example.split])
-
-
-def read_split(split_file: Path = DEFAULT_SPLIT_FILE, split: str | None = None) -> list[Example]:
-    with open(split_file, newline="") as handle:
-        rows = [Example(row["path"], int(row["label"]), row["patient"], row["split"]) for row in csv.DictReader(handle)]
-    return [row for row in rows if split is None or row.split == split]
-
-
-def read_nih(nih_dir: Path = DEFAULT_NIH_DIR, split: str | None = None) -> list[Example]:
-    """``nih_adult224``'s images of one split (paths relative to ``nih_dir``), from its labels.csv."""
-    with open(Path(nih_dir) / "labels.csv", newline="") as handle:
-        rows = [Example(row["path"], int(row["label"]), f"nih-{row['patient']}", row["split"]) for row in csv.DictReader(handle)]
-    return [row for row in rows if split is None or row.split == split]
-
-
-def subsample(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
-    """At most ``limit`` examples, keeping the class balance (for smoke runs)."""
-    if limit is None or limit >= len(examples):
-        return examples
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for label in (0, 1):
-        members = [e for e in examples if e.label == label]
-        share = max(1, round(limit * len(members) / len(examples)))
-        chosen += [members[i] for i in sorted(rng.choice(len(members), min(share, len(members)), replace=False))]
-    return chosen
 
 
 def load_images(examples: list[Example], data_dir: Path) -> list[Image.Image]:
@@ -181,11 +124,16 @@ def training_augmentation(counterfactual: float = 0.0) -> torch.nn.Module:
 
 class XrayDataset(Dataset):
     """In-memory images -> (normalised tensor, label), through the one preprocessing path
-    (``pneunet.lungs.model_view``: with ``lungs``, the classifier sees the lung fields only)."""
+    (``pneunet.lungs.model_view``: with ``lungs``, the classifier sees the lung fields only). With
+    ``lung_cells`` = s > 0 (and ``lungs``), items also carry the (s, s) share of each feature-map cell that
+    the found lung fields cover, for the outside-the-lungs evidence loss."""
 
     def __init__(self, images: list[Image.Image], labels: list[int], config: ModelConfig, augment: torch.nn.Module | None = None,
-                 lungs: LungFinder | None = None):
+                 lungs: LungFinder | None = None, lung_cells: int = 0):
+        if lung_cells and (lungs is None or config.image_size % lung_cells):
+            raise ValueError(f"lung_cells={lung_cells} needs a segmenter and to divide the image size {config.image_size}")
         self.images, self.labels, self.config, self.augment, self.lungs = images, labels, config, augment, lungs
+        self.lung_cells = lung_cells
 
     def __len__(self) -> int:
         return len(self.images)
@@ -194,8 +142,13 @@ class XrayDataset(Dataset):
         image = self.images[index]
         if self.augment is not None:
             image = self.augment(image)
-        model_input, _ = model_view(image, self.config, self.lungs)
-        return torch.from_numpy(model_input), torch.tensor(float(self.labels[index]))
+        model_input, fields = model_view(image, self.config, self.lungs)
+        item = torch.from_numpy(model_input), torch.tensor(float(self.labels[index]))
+        if not self.lung_cells:
+            return item
+        side, cell = self.lung_cells, self.config.image_size // self.lung_cells
+        cover = fields.mask.reshape(side, cell, side, cell).mean(axis=(1, 3), dtype=np.float32)
+        return *item, torch.from_numpy(cover)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -208,9 +161,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="Kermany 224 folder (default: %(default)s)")
-    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="where to write (default: %(default)s)")
+    parser = argparse.ArgumentParser(parents=[data_arguments()], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
     return parser
 

@@ -30,3 +30,13 @@ def make_loss(name: str, positive_fraction: float, focal_gamma: float = 2.0) -> 
     if name == "bce":
         return nn.BCEWithLogitsLoss()
     raise ValueError(f"unknown loss {name!r}; choose focal, weighted_bce or bce")
+
+
+def outside_lung_share(features: torch.Tensor, weight: torch.Tensor, lung_cells: torch.Tensor) -> torch.Tensor:
+    """Mean share of the evidence that lies outside the lung fields: per image, sum |w . F_ij| weighted by
+    (1 - lung fraction of cell ij) over sum |w . F_ij|. ``features`` (N, C, h, w), ``weight`` (C,) of the
+    pooled-linear head, ``lung_cells`` (N, h, w) in [0, 1]. Scale-free, so it neither rewards shrinking nor
+    inflating the logits; 0 when every cell outside the lungs says nothing."""
+    evidence = torch.einsum("c,nchw->nhw", weight, features).abs()
+    outside = (evidence * (1.0 - lung_cells)).flatten(1).sum(1)
+    return (outside / (evidence.flatten(1).sum(1) + 1e-6)).mean()

@@ -6,6 +6,7 @@ The same command runs on CPU and GPU (AMP on CUDA). Early stopping watches the v
 weight-averaged (EMA) model; temperature and threshold are fitted on validation only. Writes into --out:
 model.safetensors + model.json (the checkpoint), history.csv, curves.png, and resume.pt for --resume.
 
+``--recipe training/shipped_recipe.toml`` trains the shipped model's recipe (its one definition).
 ``--lungs SEGMENTER.onnx`` trains on the lung fields only (``pneunet.lungs.model_view``) and copies the
 segmenter beside the checkpoint (``model.lungs.onnx`` + ``.json``); ``--counterfactual P`` pastes markers,
 stamps and occlusions into a share P of training images of both classes; ``--nih-train`` adds
@@ -34,13 +35,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pneunet.checkpoint import save_checkpoint, sha256_of
+from pneunet.decision import calibrated_probability, sigmoid
 from pneunet.heatmap import evidence_cells
 from pneunet.lungs import LungFinder, lungs_path_for
 from pneunet.models import LITE0_WEIGHTS_ENV, REGISTRY, build_model, default_config, get_spec, load_pretrained
-from training import metrics
-from training.data import (DEFAULT_DATA_DIR, DEFAULT_NIH_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, XrayDataset, load_images,
-                           read_nih, read_split, subsample, training_augmentation)
-from training.losses import make_loss
+from pneunet import metrics
+from pneunet.datasets import REPO_ROOT, data_arguments, read_nih, read_split, subsample
+from training.data import XrayDataset, load_images, training_augmentation
+from training.losses import make_loss, outside_lung_share
 
 
 def set_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> None:
@@ -82,14 +84,22 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int
     raise RuntimeError(f"Invalid scheduler {name}. Only cosine, step and none are supported.")
 
 
-def train_one_epoch(model, ema, loader, loss_fn, optimizer, scheduler, device, use_amp: bool, description: str) -> dict:
-    losses, all_logits, all_labels = [], [], []
-    for images, labels in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
-        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
+def train_one_epoch(model, ema, loader, loss_fn, optimizer, scheduler, device, use_amp: bool, description: str,
+                    outside_weight: float = 0.0) -> dict:
+    """One pass; with ``outside_weight`` > 0 (batches then carry lung-cell covers) the loss adds that
+    weight times the share of evidence outside the lung fields (``losses.outside_lung_share``)."""
+    losses, outside_shares, all_logits, all_labels = [], [], [], []
+    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+        images = batch[0].to(device, non_blocking=True, memory_format=torch.channels_last)
+        labels = batch[1].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(images)
+            features = model.features(images)
+            logits = model.head(features).squeeze(-1)
         loss = loss_fn(logits.float(), labels)
+        if outside_weight > 0:
+            share = outside_lung_share(features.float(), model.head[-1].weight[0], batch[2].to(device))
+            loss = loss + outside_weight * share
+            outside_shares.append(share.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -99,8 +109,9 @@ def train_one_epoch(model, ema, loader, loss_fn, optimizer, scheduler, device, u
         all_logits.append(logits.detach().float().cpu())
         all_labels.append(labels.cpu())
     labels_np = torch.cat(all_labels).numpy()
-    probabilities = metrics.sigmoid(torch.cat(all_logits).numpy())
-    return {"loss": float(np.mean(losses)), **_auc_acc(labels_np, probabilities)}
+    probabilities = sigmoid(torch.cat(all_logits).numpy())
+    outside = {"outside_share": float(np.mean(outside_shares))} if outside_shares else {}
+    return {"loss": float(np.mean(losses)), **outside, **_auc_acc(labels_np, probabilities)}
 
 
 def _auc_acc(labels: np.ndarray, probabilities: np.ndarray) -> dict:
@@ -124,7 +135,7 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device) -
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device) -> dict:
     logits, labels = predict_logits(model, loader, device)
     loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(labels)))
-    return {"loss": loss, **_auc_acc(labels, metrics.sigmoid(logits))}
+    return {"loss": loss, **_auc_acc(labels, sigmoid(logits))}
 
 
 def calibrate_on_validation(model: nn.Module, val_loader: DataLoader, device: torch.device,
@@ -133,7 +144,7 @@ def calibrate_on_validation(model: nn.Module, val_loader: DataLoader, device: to
     probabilities: (temperature, threshold, validation metrics at that threshold)."""
     logits, labels = predict_logits(model, val_loader, device)
     temperature = metrics.fit_temperature(logits, labels)
-    probabilities = metrics.sigmoid(logits / temperature)
+    probabilities = calibrated_probability(logits, temperature)
     threshold = metrics.high_sensitivity_threshold(labels, probabilities, min_sensitivity)
     return temperature, threshold, metrics.summary(labels, probabilities, threshold, ci_resamples=0)
 
@@ -218,9 +229,17 @@ def main(args: argparse.Namespace) -> Path:
     lungs = LungFinder.load(args.lungs) if args.lungs else None
     if lungs is not None:
         config.lungs = {"onnx_sha256": sha256_of(args.lungs)}
+    if args.outside_lungs and lungs is None:
+        raise SystemExit("--outside-lungs needs --lungs: the loss reads the segmenter's lung fields")
+    model = build_model(config)
+    if args.outside_lungs and not model.pooled_linear:
+        raise SystemExit(f"--outside-lungs needs a pooled-linear head; {args.model} has none")
+    with torch.no_grad():  # the feature map's side, for the lung cover of each cell
+        feature_side = model.features(torch.zeros(1, config.channels, config.image_size, config.image_size)).shape[-1]
     generator = torch.Generator().manual_seed(args.seed)
     train_set = XrayDataset(load_images(train_examples, data_dir) + load_images(nih_train, nih_dir),
-                            [e.label for e in train_examples + nih_train], config, training_augmentation(args.counterfactual), lungs)
+                            [e.label for e in train_examples + nih_train], config, training_augmentation(args.counterfactual), lungs,
+                            lung_cells=feature_side if args.outside_lungs else 0)
     val_set = XrayDataset(load_images(val_examples, data_dir), [e.label for e in val_examples], config, lungs=lungs)
     nih_val_set = XrayDataset(load_images(nih_val, nih_dir), [e.label for e in nih_val], config, lungs=lungs) if nih_val else None
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
@@ -229,7 +248,6 @@ def main(args: argparse.Namespace) -> Path:
     val_loader = DataLoader(val_set, batch_size=64, num_workers=args.workers)
     nih_val_loader = DataLoader(nih_val_set, batch_size=64, num_workers=args.workers) if nih_val_set else None
 
-    model = build_model(config)
     pretrained = "none (random initialisation)"
     if args.model == "efficientnet_lite0" and not args.no_pretrained or args.pretrained_weights:
         load_pretrained(model, config, args.pretrained_weights)
@@ -269,7 +287,7 @@ def main(args: argparse.Namespace) -> Path:
         set_trainable(model, ("head",) if epoch < warmup_head_epochs else trainable_prefixes)
         started = time.perf_counter()
         train_stats = train_one_epoch(model, ema, train_loader, loss_fn, optimizer, scheduler, device, use_amp,
-                                      f"epoch {epoch + 1}/{epochs}")
+                                      f"epoch {epoch + 1}/{epochs}", args.outside_lungs)
         train_seconds = time.perf_counter() - started
         val_stats = evaluate(ema.module, val_loader, eval_loss_fn, device)
         row = {"epoch": epoch + 1, "train_seconds": round(train_seconds, 1),
@@ -285,7 +303,8 @@ def main(args: argparse.Namespace) -> Path:
         if score > best_score:
             best_score, best_epoch = score, epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
-        print(f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f} auc {train_stats['auc']:.4f} | "
+        print(f"epoch {epoch + 1}: train loss {train_stats['loss']:.4f} auc {train_stats['auc']:.4f} "
+              + (f"outside share {train_stats['outside_share']:.3f} " if args.outside_lungs else "") + "| "
               f"val loss {val_stats['loss']:.4f} auc {val_stats['auc']:.4f} acc {val_stats['accuracy']:.4f} | "
               + (f"nih val auc {row['nih_val_auc']:.4f} | " if nih_val_loader is not None else "") +
               f"{train_seconds:.0f}s{' *' if best_epoch == epoch + 1 else ''}", flush=True)
@@ -322,6 +341,7 @@ def main(args: argparse.Namespace) -> Path:
         "train_images": len(train_set), "val_images": len(val_set),
         "nih_train_images": len(nih_train), "nih_val_images": len(nih_val),
         "lungs": args.lungs or "none (whole image)", "counterfactual": args.counterfactual,
+        "outside_lungs_weight": args.outside_lungs,
         "selection": "mean of Kermany and nih_adult224 validation AUC" if nih_val else "Kermany validation AUC",
         "seed": args.seed,
         "pretrained": pretrained,
@@ -345,16 +365,16 @@ def main(args: argparse.Namespace) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(parents=[data_arguments(out=None, out_help="output folder (default: runs/MODEL-seedSEED)", nih=True)], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="efficientnet_lite0", choices=list(REGISTRY), help="architecture (default: %(default)s)")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="Kermany 224 folder (default: %(default)s)")
-    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="split CSV (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/MODEL-seedSEED)")
     parser.add_argument("--lungs", default=None, help="lung-field segmenter .onnx: train on the lung fields only (default: whole image)")
     parser.add_argument("--counterfactual", type=float, default=0.0,
                         help="share of training images that get markers/stamps/occlusions pasted (default: %(default)s)")
+    parser.add_argument("--recipe", default=None,
+                        help="TOML file of settings, e.g. training/shipped_recipe.toml (the shipped model's); options win")
+    parser.add_argument("--outside-lungs", type=float, default=0.0,
+                        help="weight of the loss on the share of evidence outside the lung fields (needs --lungs; default: %(default)s)")
     parser.add_argument("--nih-train", action="store_true", help="also train on nih_adult224 train; choose on both validation sets")
-    parser.add_argument("--nih-dir", default=str(DEFAULT_NIH_DIR), help="nih_adult224 folder (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the architecture's recipe)")
     parser.add_argument("--batch-size", type=int, default=None, help="(default: the recipe's, 32)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
@@ -380,5 +400,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SHIPPED_RECIPE = REPO_ROOT / "training" / "shipped_recipe.toml"
+# Settings a recipe may not fix: they say where to read and how to run, not what is trained.
+NOT_RECIPE = {"recipe", "data_dir", "split_file", "nih_dir", "device", "resume"}
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A recipe file's settings (TOML; keys are this command's options with underscores)."""
+    import tomllib
+
+    with open(path, "rb") as handle:
+        recipe = tomllib.load(handle)
+    known = {action.dest for action in get_args_parser()._actions} - NOT_RECIPE
+    unknown = set(recipe) - known
+    if unknown:
+        raise SystemExit(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    return recipe
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options, with ``--recipe FILE``'s settings as defaults (options given on the command line win)."""
+    parser = get_args_parser()
+    first = parser.parse_args(argv)
+    if first.recipe:
+        parser.set_defaults(**read_recipe(first.recipe))
+        return parser.parse_args(argv)
+    return first
+
+
+def recipe_settings(args: argparse.Namespace) -> dict:
+    """What a run trains (every option but where to read and how to run it), for comparing two runs."""
+    return {key: value for key, value in vars(args).items() if key not in NOT_RECIPE | {"argv"}}
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(parse_args())

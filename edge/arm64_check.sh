@@ -363,15 +363,15 @@ cat > "$RUN/precise.py" <<'EOF'
 import inspect
 import sys
 import numpy as np
-from edge.run import EdgePredictor
+from pneunet.predictor import Predictor
 model, threads, out, kernels, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
 options = {}
 if kernels != "auto":  # int8 ONNX: "fused" integer kernels or "reference" (Q/DQ unfused), where the runner has the choice
-    if "int8_kernels" not in inspect.signature(EdgePredictor.load).parameters:
+    if "int8_kernels" not in inspect.signature(Predictor.load).parameters:
         sys.exit(3)
     options["int8_kernels"] = kernels
-predictor = EdgePredictor.load(model, num_threads=threads, **options)
-runtime = getattr(predictor.model, "runtime", None) or getattr(getattr(predictor.model, "backend", None), "name", "?")
+predictor = Predictor.load(model, threads=threads, **options)
+runtime = predictor.runtime
 inputs = np.stack([predictor.prepare(path)[1] for path in paths])  # one batch, as edge.run (<= 16 images)
 results = predictor.predict_inputs(inputs, heatmap=True)
 np.savez(out, paths=np.array(paths), runtime=np.array(str(runtime)), logit=np.array([r.logit for r in results], np.float64),
@@ -403,7 +403,7 @@ for model in "${MODEL_LIST[@]}"; do
     "$arch" "$cmd" > "$OUT/${arch}_$stem.log" 2>&1 || rc=$?
     secs=$(elapsed "$start")
     # Full precision (the CSV has 4 decimals): logits, probabilities and heatmaps of the same batch through
-    # edge.run's own EdgePredictor, saved as .npz for the report. Not timed.
+    # the inference core's Predictor (what edge.run runs), saved as .npz for the report. Not timed.
     "$arch" "python precise.py $rel $THREADS out/${arch}_$stem.npz auto ${IMAGES[*]}" >> "$OUT/${arch}_$stem.precise.log" 2>&1 \
       || log "$arch $name: full-precision dump failed (see out/${arch}_$stem.precise.log)"
     # int8 ONNX: the runner picks fused integer kernels or Q/DQ-unfused float arithmetic per CPU (--int8-kernels
@@ -548,7 +548,7 @@ for r in runs:
 w("```")
 w("")
 w("The probabilities in the tables are `edge.run`'s CSV output (4 decimals). Because 4 decimals hide small differences, the "
-  "script also runs the same batch through `edge.run`'s `EdgePredictor` on both sides (`precise.py` in the copy) and "
+  "script also runs the same batch through the inference core's `Predictor` (what `edge.run` runs) on both sides (`precise.py` in the copy) and "
   "compares the float64 probabilities and logits and the float heatmaps (0..1) at full precision; the last column "
   "compares the heatmap overlay PNGs written by `--cam` (0..255 per channel).")
 w("")
@@ -683,7 +683,7 @@ if (out / "x86_model_int8_onnx.npz").is_file() and (out / "arm64_model_int8_onnx
     rr = compare(precise("arm64", "model_int8_onnx", "reference"), precise("x86", "model_int8_onnx", "reference"))
     ff = compare(precise("arm64", "model_int8_onnx", "fused"), precise("x86", "model_int8_onnx", "fused"))
     int8_note = (f"For the int8 ONNX model the runner itself chose different arithmetic: `{rx_}` on this x86 host and "
-                 f"`{ra_}` on arm64. edge/runtime.py (`int8_kernels_saturate`) avoids onnxruntime's fused int8 kernels on "
+                 f"`{ra_}` on arm64. pneunet/backends.py (`int8_kernels_saturate`) avoids onnxruntime's fused int8 kernels on "
                  "x86 CPUs without VNNI, whose 16-bit pair sums saturate, and uses them on ARM, which accumulates in int32; "
                  "fused integer accumulation with requantisation and float arithmetic on the same int8 values round "
                  "differently. ") if ra_ != rx_ else ""

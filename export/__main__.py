@@ -30,7 +30,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from edge.runtime import SIDECAR_FORMAT, SIDECAR_NAME, sha256_of
+from pneunet.backends import SIDECAR_FORMAT, SIDECAR_NAME
+from pneunet.integrity import sha256_of
 from export import parity
 from export.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_inputs
 from export.graph import FEATURES_NAME, INPUT_NAME, LOGIT_NAME, classifier_for_sidecar, edge_graph
@@ -38,8 +39,8 @@ from export.onnx_export import OPSET, export_onnx_fp32, quantize_onnx_int8
 from pneunet.checkpoint import load_checkpoint
 from pneunet.lungs import lungs_path_for
 from pneunet.predictor import load_lung_finder
+from pneunet.datasets import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TFLITE_PYTHON = REPO_ROOT / ".venv-tflite" / "bin" / "python"
 TFLITE_FACTS = "tflite_facts.json"
 TFLITE_SETUP = "python3.11 -m venv .venv-tflite && .venv-tflite/bin/pip install -r export/requirements-tflite.txt"

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pneunet.datasets import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # "edge" runs a model as the runner would (int8 kernels "auto"); "edge-fused" forces the fused int8 kernels,
-# which saturate on x86 without VNNI (edge.runtime.int8_kernels_saturate): timed only, never used there.
+# which saturate on x86 without VNNI (pneunet.backends.int8_kernels_saturate): timed only, never used there.
 KINDS = [("PyTorch fp32", "torch", None), ("ONNX fp32", "edge", "model_fp32.onnx"), ("ONNX int8", "edge", "model_int8.onnx"),
          ("ONNX int8, fused kernels", "edge-fused", "model_int8.onnx"),
          ("TFLite fp32", "edge", "model_fp32.tflite"), ("TFLite int8", "edge", "model_int8.tflite")]
@@ -37,7 +37,7 @@ SEGMENTER_BUDGET_MS = 10.0  # what the lung-field segmenter may add per image on
 def _units(count: int, config) -> np.ndarray:
     """Unit images (grey, [0, 1]) of ``count`` test X-rays spread over the split."""
     from pneunet.preprocessing import to_unit
-    from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split
+    from pneunet.datasets import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split
 
     examples = read_split(DEFAULT_SPLIT_FILE, "test")[::max(1, 624 // count)][:count]
     return np.stack([to_unit(DEFAULT_DATA_DIR / e.path, config) for e in examples]).astype(np.float32)
@@ -67,12 +67,12 @@ def worker(kind: str, path: str, threads: int, repeats: int) -> dict:
             with torch.inference_mode():
                 model(torch.from_numpy(batch).to(memory_format=torch.channels_last))
     else:
-        from edge.run import load_lungs
-        from edge.runtime import EdgeModel
+        from pneunet.backends import ExportedModel
+        from pneunet.predictor import load_export_lungs
 
-        edge_model = EdgeModel.load(path, num_threads=threads, int8_kernels="fused" if kind == "edge-fused" else "auto")
-        config, runtime = edge_model.config, edge_model.runtime
-        lungs = load_lungs(edge_model, threads)
+        edge_model = ExportedModel.load(path, num_threads=threads, int8_kernels="fused" if kind == "edge-fused" else "auto")
+        config, runtime = edge_model.config, edge_model.name
+        lungs = load_export_lungs(edge_model, threads)
         run = edge_model.run
     units = _units(max(repeats, BATCH), config)
     fields = [lungs.find(unit) for unit in units] if lungs is not None else [None] * len(units)

@@ -24,7 +24,7 @@ def calibration_inputs(config: ModelConfig, count: int = DEFAULT_CALIBRATION_IMA
     inputs (N, channels, H, W) float32 cut to their lung fields by ``lungs`` (the checkpoint's segmenter,
     ``pneunet.predictor.load_lung_finder``; None for a model without them), and their paths relative to
     the data directory."""
-    from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split, subsample
+    from pneunet.datasets import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split, subsample
 
     if config.lungs and lungs is None:
         raise ValueError("this model was trained on lung fields: pass its segmenter (pneunet.predictor.load_lung_finder) "

@@ -21,20 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime import int8_kernels_saturate, onnx_session
+from pneunet.backends import int8_kernels_saturate, onnx_session
 from export.calibration import DEFAULT_CALIBRATION_IMAGES, calibration_inputs
 from export.graph import INPUT_NAME, edge_graph
 from export.onnx_export import INT8_RECIPE, Int8Recipe, export_onnx_fp32, quantize_onnx_int8
 from export.parity import BATCH, pearson
 from pneunet.cam import classifier_weights
 from pneunet.checkpoint import load_checkpoint
+from pneunet.decision import calibrated_probability, is_pneumonia
 from pneunet.heatmap import heatmap_from_features
 from pneunet.lungs import model_view
 from pneunet.predictor import load_lung_finder
-from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split
-from training.metrics import sigmoid
+from pneunet.datasets import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split
+from pneunet.datasets import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_BYTES = 5_000_000
 CONV_HEAD = "/features/conv_head/"
 VARIANTS = (
@@ -69,8 +69,8 @@ def _median_ms(session, one: np.ndarray, repeats: int = 20) -> float:
 def compare(logits, features, ref_logits, ref_features, weight, config) -> dict:
     """Agreement, logit error and heatmap r of one run against fp32."""
     size = (config.image_size, config.image_size)
-    labels = sigmoid(logits / config.temperature) >= config.threshold
-    ref_labels = sigmoid(ref_logits / config.temperature) >= config.threshold
+    labels = is_pneumonia(calibrated_probability(logits, config.temperature), config.threshold)
+    ref_labels = is_pneumonia(calibrated_probability(ref_logits, config.temperature), config.threshold)
     r = [pearson(heatmap_from_features(a, weight, size), heatmap_from_features(b, weight, size))
          for a, b in zip(features, ref_features)]
     difference = logits - ref_logits
@@ -139,7 +139,7 @@ def markdown(result: dict, command: str) -> str:
         "do not saturate but took 10x longer here. ARM and VNNI CPUs accumulate in int32.",
         "- **reference** = the same quantised model with Q/DQ left unfused (`session.disable_quant_qdq`): "
         "what the quantisation itself costs. The edge runner uses it on x86 without VNNI "
-        "(`edge.runtime.int8_kernels_saturate`) and the fused kernels elsewhere.",
+        "(`pneunet.backends.int8_kernels_saturate`) and the fused kernels elsewhere.",
         "- uint8 weights also skip onnxruntime's int32 bias fix (it widens a weight scale when the bias would "
         "overflow int32), so some biases are clipped: the systematic logit shift in the first row.",
     ]

@@ -75,7 +75,7 @@ def quantize_onnx_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray
     ranges from ``calibration`` (real preprocessed training images). The head after the feature map
     stays float. Returns the quantisation facts for the sidecar, including the input's scale and zero
     point. On x86 CPUs without VNNI the runner runs this model with reference arithmetic
-    (``edge.runtime.int8_kernels_saturate``)."""
+    (``pneunet.backends.int8_kernels_saturate``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -110,7 +110,7 @@ def quantize_onnx_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray
         "input_zero_point": zero_point,
         "io": "float32 in, float32 out (Q/DQ inside the graph)",
         "kernels": "x86 without VNNI: run with Q/DQ unfused (fused uint8 x int8 kernels saturate there); "
-                   "ARM and x86 with VNNI: fused int8 kernels (edge.runtime.int8_kernels_saturate)",
+                   "ARM and x86 with VNNI: fused int8 kernels (pneunet.backends.int8_kernels_saturate)",
     }
 
 

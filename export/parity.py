@@ -4,7 +4,7 @@
 
 Run by ``python -m export`` after exporting; exits non-zero if a gate fails. Both sides run their own
 front end to end: the app's ``Predictor`` (the checkpoint, its segmenter ``<stem>.lungs.onnx``) and the
-edge runner's ``EdgePredictor`` (each exported model, the segmenter copied beside it), each preparing
+edge runner's (the same ``Predictor`` on each exported model, the segmenter copied beside it), each preparing
 every image itself (``model_view``). Compared: labels and probabilities, the shown heatmaps (lung-masked,
 on the model's fixed evidence scale), the raw evidence maps, and the lung masks (the same ONNX file on
 both sides, so they must be identical). Test images are used for reporting only: nothing is chosen on them.
@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from edge.run import EdgePredictor, load_lungs
-from edge.runtime import SIDECAR_NAME, EdgeModel
+from pneunet.backends import SIDECAR_NAME, ExportedModel
+from pneunet.decision import calibrated_probability
 from pneunet.gate import InputGate
 from pneunet.lungs import model_view
-from pneunet.predictor import Predictor
-from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split, subsample
-from training.metrics import binary_metrics
+from pneunet.predictor import Predictor, load_export_lungs
+from pneunet.datasets import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split, subsample
+from pneunet.metrics import binary_metrics
 
 BATCH = 16
 
@@ -88,7 +88,7 @@ class Record:
         return cls([], [], [], [], [], [])
 
 
-def summarise(record: Record, reference: Record, labels: np.ndarray, splits: np.ndarray, model: EdgeModel,
+def summarise(record: Record, reference: Record, labels: np.ndarray, splits: np.ndarray, model: ExportedModel,
               gate: InputGate | None = None) -> dict:
     """Metrics of one exported model and its differences from the reference, per split and overall;
     with ``gate`` (the input gate), also how often its feature check refuses these X-rays either way."""
@@ -98,8 +98,8 @@ def summarise(record: Record, reference: Record, labels: np.ndarray, splits: np.
     if gate is not None:
         refused = gate.features_refused(np.stack(record.pooled))
         ref_refused = gate.features_refused(np.stack(reference.pooled))
-    probabilities = model.pneumonia_probability(logits)
-    ref_probabilities = model.pneumonia_probability(ref_logits)
+    probabilities = calibrated_probability(logits, model.config.temperature)
+    ref_probabilities = calibrated_probability(ref_logits, model.config.temperature)
     threshold = model.config.threshold
     result = {}
     for split in ("val", "test", "all"):
@@ -186,10 +186,10 @@ def run_parity(checkpoint: Path, models_dir: Path, limit: int | None = None) -> 
     sidecar = json.loads((models_dir / SIDECAR_NAME).read_text())
     labels, splits, files, _ = load_examples(limit)
     app = Predictor.load(checkpoint, gate=False)  # the app's own path; the export's gate is applied to both below
-    models = {name: EdgeModel.load(models_dir / name, num_threads=2) for name in sidecar["models"] if (models_dir / name).is_file()}
+    models = {name: ExportedModel.load(models_dir / name, num_threads=2) for name in sidecar["models"] if (models_dir / name).is_file()}
     first = next(iter(models.values()))
-    edge_lungs = load_lungs(first)  # the runner's segmenter: the copy in the export folder, as the runner loads it
-    runners = {name: EdgePredictor(model, None, edge_lungs) for name, model in models.items()}
+    edge_lungs = load_export_lungs(first)  # the runner's segmenter: the copy in the export folder, as the runner loads it
+    runners = {name: Predictor(model, None, edge_lungs) for name, model in models.items()}
     prepare_edge = runners[next(iter(runners))].prepare
     reference, records = Record.empty(), {name: Record.empty() for name in runners}
     lungs = {"images": 0, "masks_identical": 0, "inputs_identical": 0, "not_plausible": 0}
@@ -211,8 +211,8 @@ def run_parity(checkpoint: Path, models_dir: Path, limit: int | None = None) -> 
             print(f"  parity: {start + BATCH} of {len(files)} images", file=sys.stderr)
     gate_file = models_dir / sidecar["gate"]["file"] if sidecar.get("gate") else None
     gate = InputGate.load(gate_file) if gate_file is not None and gate_file.is_file() else None
-    if gate is not None:  # the feature check on images that are not X-rays (training.non_xrays), export vs PyTorch
-        from training.non_xrays import non_xray_images
+    if gate is not None:  # the feature check on images that are not X-rays (pneunet.non_xrays), export vs PyTorch
+        from pneunet.non_xrays import non_xray_images
 
         others = np.stack([model_view(image, app.config, app.lungs)[0] for _, _, image in non_xray_images()]).astype(np.float32)
         other_refused = gate.features_refused(np.stack([p.pooled_features for start in range(0, len(others), BATCH)
@@ -226,13 +226,13 @@ def run_parity(checkpoint: Path, models_dir: Path, limit: int | None = None) -> 
         "gates": {"fp32": FP32_GATE.__dict__, "int8": INT8_GATE.__dict__}, "models": {}}
     for name, runner in runners.items():
         entry = sidecar["models"][name]
-        row = summarise(records[name], reference, labels, splits, runner.model, gate)
-        row["runtime"] = runner.model.runtime
+        row = summarise(records[name], reference, labels, splits, runner.backend, gate)
+        row["runtime"] = runner.runtime
         row["bytes"] = entry.get("bytes")
         row["quantization"] = entry.get("quantization")
         row["gate_failures"] = check_gate(row["all"], INT8_GATE if entry["precision"] == "int8" else FP32_GATE, report["lungs"])
         if gate is not None:
-            refused = gate.features_refused(runner.model.run(others)[1].mean(axis=(2, 3)))
+            refused = gate.features_refused(runner.backend.run(others)[1].mean(axis=(2, 3)))
             row["non_xray_feature_refusals"] = {"images": len(others), "exported": int(refused.sum()),
                                                 "pytorch_fp32": int(other_refused.sum()),
                                                 "disagreements": int((refused != other_refused).sum())}
@@ -264,7 +264,7 @@ def markdown(report: dict, command: str) -> str:
         f"{report['images']['test']} test images (test is reported, never tuned on). Regenerate with:", "",
         f"    {command}", "",
         f"Source checkpoint sha256 `{report['checkpoint_sha256']}`. Each side runs its own front end to end: the app's "
-        "`Predictor` on PyTorch and the edge runner's `EdgePredictor`, each preparing every image itself "
+        "`Predictor` on PyTorch and the same `Predictor` on each export, each preparing every image itself "
         "(`pneunet.lungs.model_view`). Metrics at the stored threshold on the calibrated (temperature-scaled) "
         f"pneumonia probability. Heatmap r: per-image Pearson correlation of {shown}, 224 x 224; heatmap diff: "
         "per-image largest and mean |difference| of those maps (colour-scale units); evidence r: Pearson r of the raw "

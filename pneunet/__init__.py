@@ -13,8 +13,9 @@ from pneunet.preprocessing import InvalidImageError
 __all__ = ["ModelConfig", "InvalidImageError", "load_predictor"]
 
 
-def load_predictor(checkpoint=None, device: str = "cpu"):
-    """Load a checkpoint (default: the shipped model) into a ready ``Predictor``."""
-    from pneunet.predictor import Predictor  # torch is imported only when a model is needed
+def load_predictor(model=None, backend: str = "auto"):
+    """Load a model (default: the served export of the shipped model; ``pneunet.backends.default_model``)
+    into a ready ``Predictor``. ``model`` may be an export (.onnx, .tflite) or a checkpoint (.safetensors)."""
+    from pneunet.predictor import Predictor
 
-    return Predictor.load(checkpoint, device)
+    return Predictor.load(model, backend)

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pneunet.config import ModelConfig
-from pneunet.integrity import sha256_of  # noqa: F401  (re-exported: callers import it from here)
+from pneunet.integrity import ModelFileError, sha256_of  # noqa: F401  (sha256_of re-exported: callers import it from here)
 from pneunet.models import PneuNetModel, build_model
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ModelFileError):
     """A checkpoint is missing, incomplete or does not match its recorded sha256."""
 
 

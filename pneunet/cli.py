@@ -30,7 +30,9 @@ def expand_paths(paths: list[str]) -> tuple[list[Path], bool]:
     return files, any_folder
 
 
-CSV_FIELDS = ["path", "label", "pneumonia_probability", "threshold", "lung_fields", "error"]
+# pneumonia_probability and threshold as people read them (pneunet.decision.format_probability, as on the
+# page); probability_value keeps the float for scripts.
+CSV_FIELDS = ["path", "label", "pneumonia_probability", "threshold", "lung_fields", "error", "probability_value"]
 
 
 def lung_fields_note(lungs) -> str:
@@ -61,14 +63,18 @@ def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable
     ``heatmaps_dir`` the raw evidence maps as .npy; returns the exit code: 1 if any file failed."""
     import numpy as np
 
+    from pneunet.decision import format_probability
     from pneunet.overlay import overlay_heatmap
     from pneunet.preprocessing import InvalidImageError
 
     bar = None
-    if progress:  # tqdm only where a progress bar is wanted: the edge runner does without it
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(files), unit="image", file=sys.stderr)
+    if progress:
+        try:  # a progress bar (on stderr) where tqdm is installed; an edge device may do without
+            from tqdm import tqdm
+        except ImportError:
+            progress = False
+        else:
+            bar = tqdm(total=len(files), unit="image", file=sys.stderr)
     say = bar.write if bar is not None else print
     for folder in (cam_dir, heatmaps_dir):
         if folder is not None:
@@ -79,7 +85,7 @@ def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable
     def fail(index: int, path: Path, reason: str) -> None:
         say(f"{path}: {reason}", file=sys.stderr)
         rows[index] = {"path": str(path), "label": "", "pneumonia_probability": "", "threshold": "", "lung_fields": "",
-                       "error": reason}
+                       "error": reason, "probability_value": ""}
 
     for start in range(0, len(files), BATCH_SIZE):
         batch = files[start:start + BATCH_SIZE]
@@ -97,10 +103,11 @@ def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable
                     fail(index, path, result.refusal)
                     continue
                 rows[index] = {"path": str(path), "label": result.label,
-                               "pneumonia_probability": f"{result.pneumonia_probability:.4f}",
-                               "threshold": f"{result.threshold:.4f}", "lung_fields": lung_fields_note(result.lungs), "error": ""}
+                               "pneumonia_probability": format_probability(result.pneumonia_probability),
+                               "threshold": format_probability(result.threshold), "lung_fields": lung_fields_note(result.lungs),
+                               "error": "", "probability_value": f"{result.pneumonia_probability:.6f}"}
                 if not csv_path:
-                    say(f"{path}\t{result.label}\t{result.pneumonia_probability:.4f}"
+                    say(f"{path}\t{result.label}\t{format_probability(result.pneumonia_probability)}"
                         + ("" if result.lungs is None or result.lungs.plausible else "\tlung fields not found"))
                 if cam_dir is not None:
                     scale = "fixed" if result.evidence else "relative"  # evidence maps come with a fixed scale
@@ -121,40 +128,67 @@ def predict_files(files: list[Path], prepare: Callable, predict_inputs: Callable
     return 1 if failures else 0
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    from pneunet.checkpoint import CheckpointError
-    from pneunet.gate import GateFileError
+def load_for_cli(args: argparse.Namespace):
+    """The predictor a command asked for, or None after printing why it cannot be loaded."""
+    from pneunet.integrity import ModelFileError
     from pneunet.predictor import Predictor
 
     try:
-        predictor = Predictor.load(args.checkpoint, gate=not args.no_gate)
-    except (CheckpointError, GateFileError) as error:  # missing, truncated or tampered model/gate file
+        predictor = Predictor.load(args.model, args.backend, gate=not args.no_gate, threads=args.threads,
+                                   int8_kernels=args.int8_kernels)
+    except ModelFileError as error:  # missing, truncated or tampered model / gate / segmenter file
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return None
+    verdict = getattr(predictor.backend, "entry", {}).get("parity_gate") or {}
+    if verdict.get("result") == "fail":
+        print(f"warning: {predictor.backend.path} failed its parity gate against PyTorch at export "
+              f"({'; '.join(verdict.get('failures', []))}); see parity.json beside it", file=sys.stderr)
+    return predictor
+
+
+def run_predict(args: argparse.Namespace) -> int:
     files, any_folder = expand_paths(args.paths)
     if not files:
         print("error: no images found in the given paths", file=sys.stderr)
+        return 2
+    predictor = load_for_cli(args)
+    if predictor is None:
         return 2
     return predict_files(files, predictor.prepare, predictor.predict_inputs, args.csv,
                          Path(args.cam) if args.cam else None, progress=any_folder and not args.quiet,
                          heatmaps_dir=Path(args.heatmaps) if args.heatmaps else None)
 
 
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m pneunet predict`` (and of ``python -m edge.run``, the same command)."""
+    parser.add_argument("paths", nargs="+", help="image files (JPEG, PNG, DICOM, ...) or folders")
+    parser.add_argument("--csv", default=None, help="write results to this CSV instead of stdout")
+    parser.add_argument("--cam", default=None, help="write heatmap overlays (PNG) into this folder")
+    parser.add_argument("--heatmaps", default=None,
+                        help="save each image's raw evidence map (before lung masking; calibrated-logit units) "
+                             "as .npy at the image's own size into this folder")
+    parser.add_argument("--model", "--checkpoint", dest="model", default=None,
+                        help="model file: an export (.onnx, .tflite) or a PyTorch checkpoint (.safetensors). Default: "
+                             "$PNEUNET_MODEL, else the committed export (int8 ONNX where it passed its parity gate, "
+                             "else fp32; int8 TFLite where only a TFLite runtime is installed)")
+    parser.add_argument("--backend", choices=["auto", "onnx", "tflite", "torch"], default="auto",
+                        help="auto (default, or $PNEUNET_BACKEND): by the model file; torch without --model serves the "
+                             "shipped checkpoint on PyTorch (development; needs requirements-dev.txt)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="inference threads (default: the runtime's choice for the classifier, 1 for the lung-field segmenter)")
+    parser.add_argument("--int8-kernels", choices=["auto", "fused", "reference"], default="auto",
+                        help="int8 ONNX only: fused integer kernels, or reference arithmetic (Q/DQ unfused); auto "
+                             "(default) uses reference on x86 CPUs without VNNI, where the fused ones saturate")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="do not refuse images that do not look like chest X-rays (default: refuse them)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pneunet", description="PneuNet pneumonia screening (not for diagnosis)")
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser("predict", help="classify chest X-ray images")
-    predict.add_argument("paths", nargs="+", help="image files (JPEG, PNG, DICOM, ...) or folders")
-    predict.add_argument("--csv", default=None, help="write results to this CSV instead of stdout")
-    predict.add_argument("--cam", default=None, help="write heatmap overlays (PNG) into this folder")
-    predict.add_argument("--heatmaps", default=None,
-                         help="save each image's raw evidence map (before lung masking; calibrated-logit units) "
-                              "as .npy at the image's own size into this folder")
-    predict.add_argument("--checkpoint", default=None,
-                         help="model .safetensors (default: $PNEUNET_CHECKPOINT, else the shipped model)")
-    predict.add_argument("--no-gate", action="store_true",
-                         help="do not refuse images that do not look like chest X-rays (default: refuse them)")
-    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_predict_arguments(predict)
     predict.set_defaults(run=run_predict)
     return parser
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from pneunet.integrity import sha256_of
+from pneunet.integrity import ModelFileError, sha256_of
 from pneunet.preprocessing import InvalidImageError
 
 REFUSAL_ADVICE = "Please upload a frontal chest X-ray (JPEG, PNG or DICOM)."
@@ -41,7 +41,7 @@ class NotAnXrayError(InvalidImageError):
     """The image decoded fine but does not look like a chest X-ray; the message says why."""
 
 
-class GateFileError(RuntimeError):
+class GateFileError(ModelFileError):
     """A gate file is missing, unreadable, or does not match the sha256 recorded beside it."""
 
 

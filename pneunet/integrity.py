@@ -13,3 +13,8 @@ def sha256_of(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class ModelFileError(RuntimeError):
+    """A model file (checkpoint, export, sidecar, gate, lung-field segmenter) is missing, damaged, changed
+    or cannot be run here; the message names the file and says what to do."""

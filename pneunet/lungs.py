@@ -30,7 +30,7 @@ from PIL import Image, ImageFilter
 
 from pneunet.heatmap import upsample_bilinear
 from pneunet.config import ModelConfig, check_known_fields
-from pneunet.integrity import sha256_of
+from pneunet.integrity import ModelFileError, sha256_of
 from pneunet.preprocessing import ImageSource, normalize, to_unit
 
 
@@ -162,7 +162,7 @@ def lungs_path_for(checkpoint: str | Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + ".lungs.onnx")
 
 
-class LungFileError(RuntimeError):
+class LungFileError(ModelFileError):
     """The segmenter's ONNX file or its sidecar is missing or does not match its recorded sha256."""
 
 

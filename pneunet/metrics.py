@@ -6,10 +6,6 @@ import numpy as np
 from sklearn import metrics as skm
 
 
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-
-
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
     """ECE of the pneumonia probability, equal-width bins (weighted mean |accuracy - confidence|)."""
     labels, probabilities = np.asarray(labels), np.asarray(probabilities)

@@ -1,6 +1,6 @@
 """Images that are not chest X-rays, made offline, for measuring the input gate.
 
-    from training.non_xrays import non_xray_images
+    from pneunet.non_xrays import non_xray_images
     for category, name, image in non_xray_images(): ...
 
 Categories: scikit-image's bundled sample images (photos, microscopy, astronomy, text scans; each in

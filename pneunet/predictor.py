@@ -1,48 +1,36 @@
-"""Predictor: image in, label + calibrated pneumonia probability (+ heatmap) out.
+"""The inference core (torch-free): image in, label + calibrated pneumonia probability + heatmap out.
 
-    from pneunet import load_predictor
-    predictor = load_predictor()                 # the shipped model, loaded once
+    from pneunet.predictor import Predictor
+    predictor = Predictor.load()                 # the served export (pneunet.backends.default_model)
     result = predictor.predict("chest.jpeg", heatmap=True)
     result.label, result.pneumonia_probability, result.threshold, result.heatmap.shape
 
-The checkpoint comes from one place: ``default_checkpoint()`` (``$PNEUNET_CHECKPOINT`` or the shipped
-``pneunet/weights/pneunet.safetensors``). When ``<checkpoint>.gate.safetensors`` exists, ``predict``
-refuses images that are not chest X-rays with ``NotAnXrayError`` (see ``pneunet.gate``).
-
-A model trained on lung fields (``config.lungs`` set) loads its segmenter from ``<checkpoint>.lungs.onnx``
-(``pneunet.lungs``): the classifier sees only the lung region, and the heatmap is the evidence map (each
-region's contribution to the calibrated logit, ``pneunet.heatmap.evidence_map``) on the model's fixed
-scale, shown inside the lung fields only.
+The app, the CLI, the edge runner, the parity gate and evaluation all run this one class, over a backend
+(``pneunet.backends``) that turns a model input into (logits, feature map): onnxruntime or a TFLite runtime
+for an export, PyTorch for a ``.safetensors`` checkpoint (development, training, parity). Around it, the
+same numpy code for everything else: decoding and the input gate (``pneunet.gate``), the lung fields and
+the one preprocessing path (``pneunet.lungs.model_view``), the decision rule (``pneunet.decision``) and
+the heatmap (``pneunet.heatmap``: each region's contribution to the calibrated logit on the model's fixed
+scale, shown inside the lung fields only).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from pneunet.cam import GradCAM, cam_from_feature_map
-from pneunet.checkpoint import load_checkpoint, sha256_of
+from pneunet.backends import Backend, ExportedModel, ModelFileError, load_backend
 from pneunet.config import ModelConfig
+from pneunet.decision import calibrated_probability, decide
 from pneunet.gate import GateFileError, InputGate, NotAnXrayError, gate_fitted_for, gate_path_for
-from pneunet.heatmap import evidence_and_shown
-from pneunet.integrity import sha256_of as file_sha256
+from pneunet.heatmap import evidence_and_shown, heatmap_from_features, target_sign
+from pneunet.integrity import sha256_of
 from pneunet.lungs import LungFields, LungFileError, LungFinder, lungs_path_for, model_view
-from pneunet.models import PneuNetModel
 from pneunet.preprocessing import ImageSource, decode, load_grey
-
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "pneunet.safetensors"
-CHECKPOINT_ENV = "PNEUNET_CHECKPOINT"
-
-
-def default_checkpoint() -> Path:
-    """The checkpoint everything loads by default: ``$PNEUNET_CHECKPOINT`` if set, else the shipped model."""
-    return Path(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT)
 
 
 @dataclass
@@ -52,8 +40,8 @@ class Prediction:
     threshold: float  # label is pneumonia when pneumonia_probability >= threshold
     logit: float  # raw model logit, before temperature
     heatmap: np.ndarray | None = None  # (image_size, image_size) in [0, 1], over the squashed input
-    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # every requested target -> map
-    pooled_features: np.ndarray | None = None  # (C,) mean over H, W of model.features(x): the gate's input
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # every requested target -> shown map
+    pooled_features: np.ndarray | None = None  # (C,) mean over H, W of the feature map: the gate's input
     gate_distance: float | None = None  # input-gate distance (None without a gate)
     refusal: str | None = None  # why the input gate refuses this image, or None
     # The raw evidence map (calibrated-logit contribution, signed, before lung masking) per target.
@@ -70,60 +58,84 @@ class PreparedImage(NamedTuple):
     lungs: LungFields | None = None
 
 
-def load_lung_finder(checkpoint: Path, config: ModelConfig) -> LungFinder | None:
-    """The segmenter a checkpoint was trained with (``config.lungs``), checked to be that very file."""
+def load_lung_finder(checkpoint: Path, config: ModelConfig, threads: int | None = None) -> LungFinder | None:
+    """The segmenter a checkpoint was trained with (``config.lungs``, ``<stem>.lungs.onnx`` beside it),
+    checked to be that very file."""
     if not config.lungs:
         return None
     path = lungs_path_for(checkpoint)
-    finder = LungFinder.load(path)
-    if file_sha256(path) != config.lungs.get("onnx_sha256"):
+    finder = LungFinder.load(path, threads=threads or 1)
+    if sha256_of(path) != config.lungs.get("onnx_sha256"):
         raise LungFileError(f"{path}: not the lung-field segmenter {checkpoint.name} was trained with")
     return finder
 
 
+def load_export_lungs(model: ExportedModel, threads: int | None = None) -> LungFinder | None:
+    """The lung-field segmenter shipped beside an export (sidecar key "lungs": a verbatim copy of the
+    checkpoint's ``<stem>.lungs.onnx`` and its .json), checked to be the one the classifier was trained
+    with (``config.lungs``). It runs on onnxruntime (fp32) for every classifier format, so every front cuts
+    an image to the same mask."""
+    entry, trained_with = model.sidecar.get("lungs"), model.config.lungs
+    if not trained_with and not entry:
+        return None
+    if not entry or not trained_with:
+        problem = ("was trained on lung fields but the export ships no lung-field segmenter" if trained_with else
+                   "was trained without lung fields but the export ships a lung-field segmenter")
+        raise ModelFileError(f"{model.path.parent}: the model {problem}; re-export with python -m export --checkpoint CKPT --out DIR")
+    path = model.path.parent / entry["file"]
+    if entry["sha256"] != trained_with.get("onnx_sha256"):
+        raise ModelFileError(f"{path}: the sidecar's segmenter (sha256 {entry['sha256'][:12]}...) is not the one the "
+                             f"model was trained with ({str(trained_with.get('onnx_sha256'))[:12]}...); re-export")
+    for name, digest in ((entry["file"], entry["sha256"]), (entry["config_file"], entry["config_sha256"])):
+        if not (model.path.parent / name).is_file() or sha256_of(model.path.parent / name) != digest:
+            raise ModelFileError(f"{model.path.parent / name}: lung-field segmenter file missing or changed (sha256 "
+                                 "differs from the sidecar); re-copy the export folder or re-export with python -m export")
+    from pneunet.backends import installed
+
+    if not installed("onnxruntime"):
+        raise ModelFileError(f"{model.path}: this model needs onnxruntime for its lung-field segmenter ({entry['file']}); "
+                             "a TFLite runtime alone cannot run it: pip install onnxruntime (edge/requirements.txt)")
+    return LungFinder.load(path, threads=threads or 1)
+
+
+def _checkpoint_gate(checkpoint: Path) -> InputGate | None:
+    """``<checkpoint>.gate.safetensors`` when it exists, refused when fitted for another model."""
+    gate_file = gate_path_for(checkpoint)
+    if not gate_file.is_file():
+        return None
+    gate = InputGate.load(gate_file, verify=True)
+    # A gate measures distances in one model's feature space: with another model it refuses X-rays.
+    fitted_for = gate_fitted_for(gate_file)
+    if fitted_for is not None and fitted_for != sha256_of(checkpoint):
+        raise GateFileError(f"{gate_file}: fitted for another model (sha256 {fitted_for[:12]}...), not {checkpoint}; "
+                            f"refit it with python -m training.fit_gate --checkpoint {checkpoint}")
+    return gate
+
+
 class Predictor:
-    def __init__(self, model: PneuNetModel, config: ModelConfig, gate: InputGate | None = None,
-                 lungs: LungFinder | None = None):
-        # channels_last: ~1.6x faster convolutions on CPU, same numbers.
-        self.model = model.eval().to(memory_format=torch.channels_last)
-        self.config = config
-        self.gate = gate
-        self.lungs = lungs
-        self.device = next(model.parameters()).device
+    """A backend + its config + (optional) input gate + (optional) lung-field segmenter."""
+
+    def __init__(self, backend: Backend, gate: InputGate | None = None, lungs: LungFinder | None = None):
+        self.backend, self.config, self.gate, self.lungs = backend, backend.config, gate, lungs
 
     @classmethod
-    def load(cls, checkpoint: str | Path | None = None, device: str = "cpu", gate: bool = True) -> "Predictor":
-        """Load a checkpoint (default: ``default_checkpoint()``) and, when ``gate`` and the file
-        ``<checkpoint>.gate.safetensors`` exists, its input gate. Both are checked against the sha256
-        recorded beside them (``CheckpointError`` / ``GateFileError`` naming the file when they differ)."""
-        checkpoint = Path(checkpoint) if checkpoint else default_checkpoint()
-        model, config = load_checkpoint(checkpoint, device=device)
-        lungs = load_lung_finder(checkpoint, config)
-        gate_file = gate_path_for(checkpoint)
-        if not (gate and gate_file.is_file()):
-            return cls(model, config, None, lungs)
-        input_gate = InputGate.load(gate_file, verify=True)
-        # A gate measures distances in one model's feature space: with another model it refuses X-rays.
-        fitted_for = gate_fitted_for(gate_file)
-        if fitted_for is not None and fitted_for != sha256_of(checkpoint):
-            raise GateFileError(f"{gate_file}: fitted for another model (sha256 {fitted_for[:12]}...), not {checkpoint}; "
-                                f"refit it with python -m training.fit_gate --checkpoint {checkpoint}")
-        return cls(model, config, input_gate, lungs)
+    def load(cls, model: str | Path | None = None, backend: str = "auto", gate: bool = True,
+             threads: int | None = None, int8_kernels: str = "auto") -> "Predictor":
+        """Load ``model`` (an export ``.onnx`` / ``.tflite``, or a ``.safetensors`` checkpoint; default:
+        ``pneunet.backends.default_model()``, or the shipped checkpoint with ``backend="torch"``) with the
+        lung-field segmenter it was trained with and, when ``gate``, its input gate. Every file is checked
+        against the sha256 recorded beside it (``ModelFileError`` naming the file otherwise)."""
+        loaded = load_backend(model, backend, threads, int8_kernels)
+        if isinstance(loaded, ExportedModel):
+            gate_file = loaded.file_beside("gate") if gate else None
+            input_gate = InputGate.load(gate_file) if gate_file else None
+            return cls(loaded, input_gate, load_export_lungs(loaded, threads))
+        return cls(loaded, _checkpoint_gate(loaded.path) if gate else None,
+                   load_lung_finder(loaded.path, loaded.config, threads))
 
-    def calibrated_probability(self, logits: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / self.config.temperature))
-
-    def _result(self, logit: float, maps: dict[str, np.ndarray], pooled: np.ndarray, evidence: dict[str, np.ndarray],
-                lungs: LungFields | None) -> Prediction:
-        probability = float(self.calibrated_probability(logit))
-        label = self.config.labels[1] if probability >= self.config.threshold else self.config.labels[0]
-        distance = refusal = None
-        if self.gate is not None:
-            distance = float(self.gate.distance(pooled)[0])
-            refusal = self.gate.feature_refusal(distance)
-        first = next(iter(maps.values())) if maps else None
-        return Prediction(label, probability, float(self.config.threshold), float(logit), first, maps, pooled,
-                          distance, refusal, evidence, lungs)
+    @property
+    def runtime(self) -> str:
+        return self.backend.name
 
     def prepare(self, source: ImageSource) -> PreparedImage:
         """Decode, apply the image-level gate (colour, blank) and preprocess. Raises ``InvalidImageError``
@@ -140,45 +152,42 @@ class Predictor:
         the lung fields each was cut to (their masks bound the shown heatmaps). Never raises for the
         feature-level gate: a refused image has ``refusal`` set."""
         targets = [target] if isinstance(target, str) else list(target)
-        batch = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
-        batch = batch.to(self.device, memory_format=torch.channels_last)
-        size = tuple(batch.shape[-2:])
-        maps: dict[str, torch.Tensor] = {}
-        lungs = list(lungs) if lungs is not None else [None] * len(batch)
-        evidence: dict[str, np.ndarray] = {}
-        if not heatmap or self.model.pooled_linear:
-            # One pass through the trunk gives the logits, the pooled features and the gradient-free CAM.
-            with torch.inference_mode():
-                features = self.model.features(batch)
-                logits = self.model.head(features).squeeze(-1)
-                if heatmap and self.config.evidence_scale:
-                    evidence, maps_np = self._evidence_maps(features, targets, lungs)
-                elif heatmap:
-                    maps = {t: cam_from_feature_map(self.model, features, size, t) for t in targets}
-        else:
-            with GradCAM(self.model) as grad_cam:
-                for t in targets:
-                    maps[t], logits = grad_cam(batch, t)
-                features = grad_cam.features
-        pooled = features.float().mean(dim=(2, 3)).cpu().numpy()
-        logits_np = logits.float().cpu().numpy().reshape(-1)
-        if not evidence:
-            maps_np = {t: m.float().cpu().numpy() for t, m in maps.items()}
-        return [self._result(logit, {t: m[i] for t, m in maps_np.items()}, pooled[i],
-                             {t: e[i] for t, e in evidence.items()}, lungs[i])
-                for i, logit in enumerate(logits_np)]
-
-    def _evidence_maps(self, features: torch.Tensor, targets: list[str],
-                       lungs: list[LungFields | None]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(raw evidence maps, shown maps) per target, in numpy with the same functions as the edge runner."""
-        weight = self.model.head[-1].weight.detach().float().cpu().numpy()[0]
-        feature_maps = features.float().cpu().numpy()
-        evidence, shown = {}, {}
         for t in targets:
-            pairs = [evidence_and_shown(f, weight, self.config, t, None if l is None else l.mask)
-                     for f, l in zip(feature_maps, lungs)]
-            evidence[t], shown[t] = np.stack([e for e, _ in pairs]), np.stack([m for _, m in pairs])
-        return evidence, shown
+            target_sign(t)  # an unknown target fails before the model runs
+        if heatmap and self.backend.classifier_weight is None:
+            raise ValueError(f"{self.config.architecture} has no pooling + linear head, so no class activation map; "
+                             "use pneunet.cam.GradCAM on the PyTorch model")
+        logits, features = self.backend.run(inputs)
+        lungs = list(lungs) if lungs is not None else [None] * len(logits)
+        if len(lungs) != len(logits):
+            raise ValueError(f"{len(logits)} inputs but {len(lungs)} lung fields")
+        probabilities = calibrated_probability(logits, self.config.temperature)
+        results = []
+        for logit, probability, feature_map, fields in zip(logits, probabilities, features, lungs):
+            pooled = feature_map.mean(axis=(1, 2))
+            distance = refusal = None
+            if self.gate is not None:
+                distance = float(self.gate.distance(pooled)[0])
+                refusal = self.gate.feature_refusal(distance)
+            shown, evidence = self._maps(feature_map, targets, fields) if heatmap else ({}, {})
+            results.append(Prediction(decide(probability, self.config), float(probability), float(self.config.threshold),
+                                      float(logit), next(iter(shown.values()), None), shown, pooled, distance, refusal,
+                                      evidence, fields))
+        return results
+
+    def _maps(self, feature_map: np.ndarray, targets: list[str], fields: LungFields | None) -> tuple[dict, dict]:
+        """({target: shown map}, {target: raw evidence map}) for one (C, h, w) feature map; a model without
+        an evidence scale gets the legacy per-image CAM and no evidence maps."""
+        weight = self.backend.classifier_weight
+        shown, evidence = {}, {}
+        for t in targets:
+            if self.config.evidence_scale:
+                evidence[t], shown[t] = evidence_and_shown(feature_map, weight, self.config, t,
+                                                           None if fields is None else fields.mask)
+            else:
+                size = (self.config.image_size, self.config.image_size)
+                shown[t] = heatmap_from_features(feature_map, weight, size, target_sign(t))
+        return shown, evidence
 
     def predict(self, source: ImageSource, heatmap: bool = False, target: str | Sequence[str] = "pneumonia",
                 gate: bool = True) -> Prediction:

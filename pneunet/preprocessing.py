@@ -40,20 +40,20 @@ def _read_bytes(source: Union[str, os.PathLike]) -> bytes:
     path = Path(source)
     try:
         if not path.is_file():
-            raise InvalidImageError(f"{path.name}: no such file")
+            raise InvalidImageError("no such file")
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
             raise InvalidImageError(
-                f"{path.name}: file is {size / 2**20:.0f} MB, more than the {MAX_FILE_BYTES // 2**20} MB limit"
+                f"file is {size / 2**20:.0f} MB, more than the {MAX_FILE_BYTES // 2**20} MB limit"
             )
         with open(path, "rb") as handle:
             data = handle.read(MAX_FILE_BYTES + 1)  # bounded, also if the file grew after stat
     except FileNotFoundError as error:  # deleted between the check and the read
-        raise InvalidImageError(f"{path.name}: no such file") from error
+        raise InvalidImageError("no such file") from error
     except OSError as error:  # name too long, permission denied, I/O error, ...
-        raise InvalidImageError(f"{path.name}: file could not be read ({error.strerror or error})") from error
+        raise InvalidImageError(f"file could not be read ({error.strerror or error})") from error
     if len(data) > MAX_FILE_BYTES:
-        raise InvalidImageError(f"{path.name}: file is larger than the {MAX_FILE_BYTES // 2**20} MB limit")
+        raise InvalidImageError(f"file is larger than the {MAX_FILE_BYTES // 2**20} MB limit")
     return data
 
 

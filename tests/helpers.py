@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from training.data import DEFAULT_DATA_DIR
+from pneunet.datasets import DEFAULT_DATA_DIR, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "pneunet" / "examples"
 DATA_DIR = DEFAULT_DATA_DIR  # ../shared/data/kermany224, or $PNEUNET_DATA
 

@@ -4,6 +4,7 @@ import csv
 import shutil
 
 from pneunet.cli import main
+from pneunet.decision import format_probability
 from tests.helpers import EXAMPLES
 
 
@@ -19,7 +20,9 @@ def test_folder_with_a_bad_file_gives_rows_in_order_and_exit_code_1(tmp_path, ca
     rows = list(csv.DictReader(open(out)))
     assert [r["path"].split("/")[-1] for r in rows] == sorted(p.name for p in folder.iterdir())
     assert rows[0]["error"].startswith("image data is damaged or truncated") and rows[0]["label"] == ""
-    assert all(r["label"] in ("normal", "pneumonia") and 0 <= float(r["pneumonia_probability"]) <= 1 for r in rows[1:])
+    assert all(r["label"] in ("normal", "pneumonia") and 0 <= float(r["probability_value"]) <= 1 for r in rows[1:])
+    # people read the same probability format as on the page; scripts read probability_value
+    assert all(r["pneumonia_probability"] == format_probability(float(r["probability_value"])) for r in rows[1:])
     assert "a_truncated.jpeg: image data is damaged" in capsys.readouterr().err
 
 

@@ -12,23 +12,24 @@ import sys
 import numpy as np
 import pytest
 
-from edge import run as edge_run
-from edge.run import EdgePredictor, main
-from edge import runtime
-from edge.runtime import (DEFAULT_MODEL, DEFAULT_TFLITE_MODEL, SIDECAR_NAME, EdgeModel, EdgeModelError, default_model,
-                          int8_kernels_saturate, sha256_of)
+from edge.run import main
+from pneunet import backends, predictor as core
+from pneunet.backends import (INT8_ONNX, INT8_TFLITE, SIDECAR_NAME, ExportedModel, ModelFileError, default_model,
+                              int8_kernels_saturate)
+from pneunet.integrity import sha256_of
+from pneunet.predictor import Predictor
 from pneunet.heatmap import display_map
 from tests.helpers import EXAMPLES, REPO_ROOT
 
-MODELS = DEFAULT_MODEL.parent
+MODELS = INT8_ONNX.parent
 SHIPPED = REPO_ROOT / "pneunet" / "weights" / "pneunet.safetensors"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.jpeg"))
 REEXPORT = f"python -m export --checkpoint {SHIPPED.relative_to(REPO_ROOT)} --out edge/models"
 
 
 def require_committed_export() -> None:
-    if not DEFAULT_MODEL.is_file():
-        pytest.fail(f"{DEFAULT_MODEL} missing: regenerate with {REEXPORT}")
+    if not INT8_ONNX.is_file():
+        pytest.fail(f"{INT8_ONNX} missing: regenerate with {REEXPORT}")
 
 
 def committed_sidecar() -> dict:
@@ -56,8 +57,8 @@ def require_export_of_shipped_model() -> None:
 
 
 def test_runner_never_imports_torch():
-    code = ("import sys, edge.run, edge.runtime, pneunet.heatmap, pneunet.lungs, pneunet.overlay\n"
-            "predictor = edge.run.EdgePredictor.load()  # the default export, its segmenter and gate\n"
+    code = ("import sys, edge.run, pneunet.predictor, pneunet.heatmap, pneunet.lungs, pneunet.overlay\n"
+            "predictor = pneunet.predictor.Predictor.load()  # the default export, its segmenter and gate\n"
             f"predictor.predict({str(EXAMPLE_FILES[0])!r}, heatmap=True)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
@@ -124,36 +125,36 @@ def test_cli_prints_one_line_per_image(capsys):
 
 
 def test_missing_or_changed_model_says_what_to_do(tmp_path):
-    with pytest.raises(EdgeModelError, match="python -m export"):
-        EdgeModel.load(tmp_path / "model_int8.onnx")
+    with pytest.raises(ModelFileError, match="python -m export"):
+        ExportedModel.load(tmp_path / "model_int8.onnx")
     require_committed_export()
-    copy = tmp_path / DEFAULT_MODEL.name
-    copy.write_bytes(DEFAULT_MODEL.read_bytes()[:-10])
+    copy = tmp_path / INT8_ONNX.name
+    copy.write_bytes(INT8_ONNX.read_bytes()[:-10])
     (tmp_path / SIDECAR_NAME).write_text((MODELS / SIDECAR_NAME).read_text())
-    with pytest.raises(EdgeModelError, match="sha256"):
-        EdgeModel.load(copy)
+    with pytest.raises(ModelFileError, match="sha256"):
+        ExportedModel.load(copy)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "tampered"])
 def test_runtime_refuses_a_model_whose_sha256_differs_from_the_sidecar(tmp_path, capsys, damage):
     """A truncated copy, or one with a single byte changed (same size), is refused before any runtime sees
-    it, by EdgeModel.load and by the runner, with a message that names the file."""
+    it, by ExportedModel.load and by the runner, with a message that names the file."""
     require_committed_export()
-    data = bytearray(DEFAULT_MODEL.read_bytes())
+    data = bytearray(INT8_ONNX.read_bytes())
     if damage == "truncated":
         data = data[: len(data) // 2]
     else:
         data[len(data) // 2] ^= 0xFF
-    copy = tmp_path / DEFAULT_MODEL.name
+    copy = tmp_path / INT8_ONNX.name
     copy.write_bytes(bytes(data))
     (tmp_path / SIDECAR_NAME).write_text((MODELS / SIDECAR_NAME).read_text())
-    with pytest.raises(EdgeModelError) as error:
-        EdgeModel.load(copy)
+    with pytest.raises(ModelFileError) as error:
+        ExportedModel.load(copy)
     assert str(copy) in str(error.value) and "sha256" in str(error.value) and "refusing" in str(error.value)
     assert main([str(EXAMPLE_FILES[0]), "--model", str(copy)]) == 2
     assert str(copy) in capsys.readouterr().err
     # the untouched committed file still loads
-    EdgeModel.load(DEFAULT_MODEL)
+    ExportedModel.load(INT8_ONNX)
 
 
 def test_sidecar_lists_every_exported_file_with_sha256():
@@ -173,7 +174,7 @@ def test_sidecar_lists_every_exported_file_with_sha256():
             assert sha256_of(MODELS / name) == entry["sha256"], f"{name} differs from the sidecar"
 
 
-def _app_and_edge(edge: EdgePredictor, paths) -> list:
+def _app_and_edge(edge: Predictor, paths) -> list:
     """(app result, edge result) per image, each front preparing the image itself (its own segmenter)."""
     from pneunet.predictor import Predictor
 
@@ -189,7 +190,7 @@ def test_committed_default_export_matches_shipped_pytorch_model():
     """Labels, lung masks and shown heatmaps of the runner's default export against the app's PyTorch
     predictor on the examples."""
     require_export_of_shipped_model()
-    edge = EdgePredictor.load(gate=False)
+    edge = Predictor.load(gate=False)
     correlations = []
     for app, result in _app_and_edge(edge, EXAMPLE_FILES):
         assert result.label == app.label, (result.pneumonia_probability, app.pneumonia_probability)
@@ -213,7 +214,7 @@ def test_committed_default_export_matches_shipped_pytorch_model():
 def test_int8_kernels_are_chosen_by_cpu(tmp_path, monkeypatch, machine, flags, saturate):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    monkeypatch.setattr(backends.platform, "machine", lambda: machine)
     assert int8_kernels_saturate(cpuinfo) is saturate
     if machine == "x86_64":
         assert int8_kernels_saturate(tmp_path / "absent") is True  # unknown x86 CPU: the safe choice
@@ -222,36 +223,36 @@ def test_int8_kernels_are_chosen_by_cpu(tmp_path, monkeypatch, machine, flags, s
 def test_int8_model_runs_with_reference_arithmetic_where_fused_kernels_saturate():
     """On this machine's CPU kind the runner must not use saturating kernels: "auto" equals "reference"."""
     require_committed_export()
-    inputs = np.stack([EdgePredictor.load(gate=False).prepare(path)[1] for path in EXAMPLE_FILES])
-    auto = EdgeModel.load(DEFAULT_MODEL)
-    reference = EdgeModel.load(DEFAULT_MODEL, int8_kernels="reference")
-    fused = EdgeModel.load(DEFAULT_MODEL, int8_kernels="fused")
+    inputs = np.stack([Predictor.load(gate=False).prepare(path)[1] for path in EXAMPLE_FILES])
+    auto = ExportedModel.load(INT8_ONNX)
+    reference = ExportedModel.load(INT8_ONNX, int8_kernels="reference")
+    fused = ExportedModel.load(INT8_ONNX, int8_kernels="fused")
     assert "reference" in reference.runtime and "fused" in fused.runtime
     assert ("reference" in auto.runtime) is int8_kernels_saturate()
     expected = (reference if int8_kernels_saturate() else fused).run(inputs)[0]
     np.testing.assert_allclose(auto.run(inputs)[0], expected, atol=1e-5)
-    with pytest.raises(EdgeModelError, match="choose one of"):
-        EdgeModel.load(DEFAULT_MODEL, int8_kernels="fast")
+    with pytest.raises(ModelFileError, match="choose one of"):
+        ExportedModel.load(INT8_ONNX, int8_kernels="fast")
 
 
 def test_default_model_follows_the_installed_runtime(monkeypatch):
     # onnxruntime is installed here: the int8 ONNX export, or the fp32 one when int8 failed its parity gate
-    assert default_model() == (DEFAULT_MODEL if runtime.passes_parity(DEFAULT_MODEL) else DEFAULT_MODEL.with_name("model_fp32.onnx"))
-    real_find_spec = runtime.importlib.util.find_spec
-    monkeypatch.setattr(runtime.importlib.util, "find_spec",
+    assert default_model() == (INT8_ONNX if backends.passes_parity(INT8_ONNX) else INT8_ONNX.with_name("model_fp32.onnx"))
+    real_find_spec = backends.importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
                         lambda name, *args: None if name == "onnxruntime" else real_find_spec(name, *args))
-    assert default_model() == DEFAULT_TFLITE_MODEL  # a Pi with only ai-edge-litert gets the int8 TFLite file
+    assert default_model() == INT8_TFLITE  # a Pi with only ai-edge-litert gets the int8 TFLite file
 
 
 def test_int8_tflite_export_agrees_with_int8_onnx_export():
     """The two committed int8 files give the same labels and close probabilities and heatmaps (the
     TFLite classifier with the same ONNX segmenter: onnxruntime is installed here)."""
     require_committed_export()
-    if DEFAULT_TFLITE_MODEL.name not in committed_sidecar()["models"]:
-        pytest.skip(f"edge/models has no {DEFAULT_TFLITE_MODEL.name} (exported without the TFLite converter environment)")
-    onnx = EdgePredictor.load(DEFAULT_MODEL, gate=False)
-    tflite = EdgePredictor.load(DEFAULT_TFLITE_MODEL, gate=False)
-    assert tflite.model.runtime in ("ai-edge-litert", "tflite-runtime")
+    if INT8_TFLITE.name not in committed_sidecar()["models"]:
+        pytest.skip(f"edge/models has no {INT8_TFLITE.name} (exported without the TFLite converter environment)")
+    onnx = Predictor.load(INT8_ONNX, gate=False)
+    tflite = Predictor.load(INT8_TFLITE, gate=False)
+    assert tflite.runtime in ("ai-edge-litert", "tflite-runtime")
     prepared = [onnx.prepare(path) for path in EXAMPLE_FILES]
     inputs, lungs = np.stack([image.model_input for image in prepared]), [image.lungs for image in prepared]
     pairs = list(zip(onnx.predict_inputs(inputs, heatmap=True, lungs=lungs), tflite.predict_inputs(inputs, heatmap=True, lungs=lungs)))
@@ -273,8 +274,8 @@ def test_committed_fp32_export_gives_the_apps_lung_masks_and_evidence():
         pytest.skip("the shipped model has no lung fields (a model trained on whole images)")
     from export.parity import INT8_GATE, pearson
 
-    for model, per_image in ((MODELS / "model_fp32.onnx", True), (DEFAULT_MODEL, False)):
-        pairs = _app_and_edge(EdgePredictor.load(model, gate=False), EXAMPLE_FILES)
+    for model, per_image in ((MODELS / "model_fp32.onnx", True), (INT8_ONNX, False)):
+        pairs = _app_and_edge(Predictor.load(model, gate=False), EXAMPLE_FILES)
         correlations = []
         for app, result in pairs:
             np.testing.assert_array_equal(result.lungs.mask, app.lungs.mask)
@@ -334,7 +335,7 @@ def lung_export(tmp_path, tiny_segmenter):
 
 
 def test_runner_cuts_images_to_the_lung_fields_and_shows_evidence_inside_them(lung_export, tmp_path):
-    predictor = EdgePredictor.load(lung_export / "model_fp32.onnx")
+    predictor = Predictor.load(lung_export / "model_fp32.onnx")
     assert predictor.lungs is not None
     prepared = predictor.prepare(EXAMPLE_FILES[0])
     mask = prepared.lungs.mask
@@ -378,8 +379,8 @@ def test_runner_refuses_a_segmenter_that_is_not_the_trained_one(lung_export, cap
     else:
         del sidecar["lungs"]
     (lung_export / SIDECAR_NAME).write_text(json.dumps(sidecar))
-    with pytest.raises(EdgeModelError, match="segmenter") as error:
-        EdgePredictor.load(lung_export / "model_fp32.onnx")
+    with pytest.raises(ModelFileError, match="segmenter") as error:
+        Predictor.load(lung_export / "model_fp32.onnx")
     assert "re-export" in str(error.value) or "re-copy" in str(error.value)
     assert main([str(EXAMPLE_FILES[0]), "--model", str(lung_export / "model_fp32.onnx")]) == 2
     assert "segmenter" in capsys.readouterr().err
@@ -387,9 +388,9 @@ def test_runner_refuses_a_segmenter_that_is_not_the_trained_one(lung_export, cap
 
 def test_runner_without_onnxruntime_says_the_segmenter_needs_it(lung_export, monkeypatch):
     """A TFLite-only install cannot run the lung-field segmenter (ONNX): a clear refusal, not a traceback."""
-    model = EdgeModel.load(lung_export / "model_fp32.onnx")
-    real_find_spec = edge_run.importlib.util.find_spec
-    monkeypatch.setattr(edge_run.importlib.util, "find_spec",
+    model = ExportedModel.load(lung_export / "model_fp32.onnx")
+    real_find_spec = backends.importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
                         lambda name, *args: None if name == "onnxruntime" else real_find_spec(name, *args))
-    with pytest.raises(EdgeModelError, match="needs onnxruntime for its lung-field segmenter"):
-        edge_run.load_lungs(model)
+    with pytest.raises(ModelFileError, match="needs onnxruntime for its lung-field segmenter"):
+        core.load_export_lungs(model)

@@ -18,7 +18,7 @@ from pneunet.lungs import LungConfig, lungs_path_for
 from pneunet.models import build_model, default_config
 from pneunet.predictor import Predictor
 from training import evaluate, evidence
-from training.data import DEFAULT_NIH_DIR, Example, read_split
+from pneunet.datasets import DEFAULT_NIH_DIR, Example, read_split
 from tests.helpers import require_data
 
 VARIANTS = {"R_marker", "text_stamp", "erase_corners", "all"}

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge.run import EdgePredictor
-from edge.runtime import SIDECAR_NAME, EdgeModel, sha256_of
+from pneunet.backends import SIDECAR_NAME, ExportedModel
+from pneunet.decision import calibrated_probability
+from pneunet.integrity import sha256_of
 from export.graph import edge_graph, freeze_same_padding
 from pneunet.cam import class_activation_map, normalise_maps
 from pneunet.checkpoint import load_checkpoint
@@ -153,23 +154,23 @@ def _torch_outputs(checkpoint: Path, inputs: np.ndarray) -> tuple[np.ndarray, np
 
 def test_onnx_fp32_matches_pytorch(exported):
     checkpoint, out = exported
-    model = EdgeModel.load(out / "model_fp32.onnx")
+    model = ExportedModel.load(out / "model_fp32.onnx")
     inputs = app_inputs(checkpoint, real_images(8))
     torch_logits, torch_features, _ = _torch_outputs(checkpoint, inputs)
     logits, features = model.run(inputs)
     np.testing.assert_allclose(logits, torch_logits, atol=1e-4)
     np.testing.assert_allclose(features, torch_features, atol=1e-3)
-    np.testing.assert_allclose(model.pneumonia_probability(logits), model.pneumonia_probability(torch_logits), atol=1e-4)
+    np.testing.assert_allclose(calibrated_probability(logits, model.config.temperature), calibrated_probability(torch_logits, model.config.temperature), atol=1e-4)
 
 
 def test_onnx_int8_agrees_with_pytorch(exported):
     checkpoint, out = exported
-    model = EdgeModel.load(out / "model_int8.onnx")
+    model = ExportedModel.load(out / "model_int8.onnx")
     inputs = app_inputs(checkpoint, real_images(24))
     torch_logits, _, _ = _torch_outputs(checkpoint, inputs)
     logits, _ = model.run(inputs)
     threshold = model.config.threshold
-    agreement = np.mean((model.pneumonia_probability(logits) >= threshold) == (model.pneumonia_probability(torch_logits) >= threshold))
+    agreement = np.mean((calibrated_probability(logits, model.config.temperature) >= threshold) == (calibrated_probability(torch_logits, model.config.temperature) >= threshold))
     assert agreement >= 22 / 24, f"int8 labels agree with PyTorch on only {agreement:.0%} of 24 real images"
     assert np.corrcoef(logits, torch_logits)[0, 1] > 0.98
 
@@ -177,7 +178,7 @@ def test_onnx_int8_agrees_with_pytorch(exported):
 def _app_and_runner(checkpoint: Path, model_path: Path, paths: list[Path]) -> list:
     """(app result, runner result) per image with heatmaps, each front preparing the image itself: the app
     with the checkpoint's segmenter, the runner with the copy in the export folder."""
-    app, runner = Predictor.load(checkpoint, gate=False), EdgePredictor.load(model_path, gate=False)
+    app, runner = Predictor.load(checkpoint, gate=False), Predictor.load(model_path, gate=False)
     app_images, runner_images = [app.prepare(path) for path in paths], [runner.prepare(path) for path in paths]
     return list(zip(
         app.predict_inputs(np.stack([i.model_input for i in app_images]), heatmap=True, lungs=[i.lungs for i in app_images]),

@@ -89,7 +89,8 @@ def test_image_checks():
 
 @pytest.fixture(scope="module")
 def predictor():
-    from pneunet.predictor import Predictor, default_checkpoint
+    from pneunet.backends import default_checkpoint
+    from pneunet.predictor import Predictor
 
     loaded = Predictor.load()
     if loaded.gate is None:
@@ -102,7 +103,7 @@ def test_real_gate_passes_bundled_xrays_and_refuses_non_xrays(predictor):
     for path in EXAMPLES:
         result = predictor.predict(path)  # raises NotAnXrayError if refused
         assert result.gate_distance is not None and result.gate_distance <= predictor.gate.threshold
-    from training.non_xrays import non_xray_images
+    from pneunet.non_xrays import non_xray_images
 
     assert predictor.gate.appearance is not None, "gate fitted before the appearance check: rerun training.fit_gate"
     refused, accepted = 0, []

@@ -8,7 +8,8 @@ from pneunet.heatmap import display_map, evidence_cells, evidence_map
 from pneunet.lungs import (LungConfig, LungFinder, dilate, lung_fields, lung_outline, lungs_path_for, model_view,
                            plausibility_problem, suppress_outside)
 from pneunet.models import default_config
-from pneunet.predictor import DEFAULT_CHECKPOINT, Predictor
+from pneunet.backends import DEFAULT_CHECKPOINT
+from pneunet.predictor import Predictor
 from pneunet.preprocessing import preprocess, to_unit
 from tests.helpers import EXAMPLES, require_data
 
@@ -105,7 +106,7 @@ def test_a_confident_normal_film_looks_cooler_than_a_confident_pneumonia(predict
 
 
 def test_app_cli_and_edge_share_one_segmenter_file(finder):
-    from edge.runtime import default_model
+    from pneunet.backends import default_model
 
     edge_lungs = default_model().parent / LUNGS_ONNX.name  # python -m export copies it verbatim
     assert edge_lungs.read_bytes() == LUNGS_ONNX.read_bytes()

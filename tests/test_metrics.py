@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from training import metrics
+from pneunet import metrics
+from pneunet.decision import sigmoid
 from training.losses import FocalLoss
 
 
@@ -13,7 +14,7 @@ def scores():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 500)
     logits = rng.normal(0, 1, 500) + 2.0 * (labels - 0.5) * 2
-    return labels, metrics.sigmoid(logits), logits
+    return labels, sigmoid(logits), logits
 
 
 def test_summary_matches_scikit_learn(scores):
@@ -45,7 +46,7 @@ def test_ece_is_small_for_calibrated_and_large_for_overconfident_scores():
 def test_temperature_fit_recovers_a_known_temperature():
     rng = np.random.default_rng(2)
     true_logits = rng.normal(0, 2, 20000)
-    labels = (rng.uniform(0, 1, 20000) < metrics.sigmoid(true_logits)).astype(int)
+    labels = (rng.uniform(0, 1, 20000) < sigmoid(true_logits)).astype(int)
     assert metrics.fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.05)
 
 

@@ -1,5 +1,6 @@
 """Privacy of the live app: an upload leaves nothing on disk after its request, and neither the server's
-output nor any answer carries image content, the file's name or DICOM patient fields."""
+output nor any answer carries image content, the file's name or DICOM patient fields; a refused upload is
+one log line, never a traceback."""
 
 from __future__ import annotations
 
@@ -85,3 +86,6 @@ def test_answers_and_logs_carry_no_patient_fields(app, patient_dicoms):
     process.wait(timeout=30)
     log = log_path.read_text(errors="replace")
     assert not [s for s in SECRETS if s in log], log[-2000:]
+    # the refused DICOM (alone, then in the batch): one line each, saying why in general terms only
+    assert log.count("upload not analysed: not readable as an image") == 2, log[-2000:]
+    assert "Traceback" not in log, log[-2000:]

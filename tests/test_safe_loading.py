@@ -12,9 +12,10 @@ import pytest
 from pneunet.checkpoint import CheckpointError, load_checkpoint
 from pneunet.gate import GateFileError, InputGate, gate_path_for, gate_sidecar_path
 from pneunet.lungs import LungFileError, lungs_path_for
-from pneunet.predictor import DEFAULT_CHECKPOINT, Predictor
+from pneunet.backends import DEFAULT_CHECKPOINT
+from pneunet.predictor import Predictor
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT as REPO  # noqa: E402
 
 
 @pytest.fixture()

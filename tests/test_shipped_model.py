@@ -5,7 +5,8 @@ import json
 import pytest
 
 from pneunet.checkpoint import read_sidecar, sha256_of
-from pneunet.predictor import DEFAULT_CHECKPOINT, Predictor
+from pneunet.backends import DEFAULT_CHECKPOINT
+from pneunet.predictor import Predictor
 from tests.helpers import EXAMPLES
 
 WEIGHTS = DEFAULT_CHECKPOINT.parent

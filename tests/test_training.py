@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 
 from pneunet.predictor import Predictor
 from training import train
-from training.data import DEFAULT_SPLIT_FILE, make_split, patient_key, read_split
+from pneunet.datasets import DEFAULT_SPLIT_FILE, patient_key, read_split
+from training.data import make_split
 from tests.helpers import EXAMPLES, require_data
 
 
@@ -45,3 +47,24 @@ def test_one_epoch_smoke_training_produces_a_checkpoint_that_predicts(tmp_path):
     predictor = Predictor.load(checkpoint)
     result = predictor.predict(EXAMPLES / "pneumonia_person1_virus_6.jpeg")
     assert result.label in ("normal", "pneumonia") and 0 <= result.pneumonia_probability <= 1
+
+
+def test_the_shipped_model_was_trained_with_the_one_recipe_file():
+    """training/shipped_recipe.toml is the shipped model's recipe: its settings are the ones in the
+    checkpoint's recorded training command (a new model or a new recipe updates both)."""
+
+    from pneunet.backends import DEFAULT_CHECKPOINT
+    from training.ship import trained_with_shipped_recipe
+
+    provenance = json.loads(DEFAULT_CHECKPOINT.with_suffix(".json").read_text())["config"]["provenance"]
+    assert trained_with_shipped_recipe(provenance), provenance["command"]
+
+
+def test_a_recipe_file_sets_defaults_and_options_win(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "cnn5"\nepochs = 3\ncounterfactual = 0.25\n')
+    args = train.parse_args(["--recipe", str(recipe), "--epochs", "1"])
+    assert (args.model, args.epochs, args.counterfactual) == ("cnn5", 1, 0.25)
+    recipe.write_text("epochs = 3\nlearning_rate = 0.1\n")
+    with pytest.raises(SystemExit, match="unknown settings"):
+        train.parse_args(["--recipe", str(recipe)])

@@ -18,7 +18,7 @@ from pneunet.checkpoint import read_sidecar
 from pneunet.config import ModelConfig
 from pneunet.models import REGISTRY, build_model
 from training import evaluate, train
-from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT
+from pneunet.datasets import REPO_ROOT, data_arguments
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict:
@@ -97,17 +97,14 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(parents=[data_arguments(out=str(REPO_ROOT / "docs" / "comparison"), out_help="report folder")], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(REGISTRY), choices=list(REGISTRY), help="(default: all)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "comparison"), help="(default: %(default)s)")
     parser.add_argument("--runs", default=str(REPO_ROOT / "runs"), help="where run folders live (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="cap every model's epochs (default: each recipe's)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default: %(default)s)")
     parser.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="(default: %(default)s)")
-    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="(default: %(default)s)")
     return parser
 
 

@@ -45,10 +45,12 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 
 from pneunet.checkpoint import load_checkpoint, sha256_of
+from pneunet.decision import calibrated_probability
 from pneunet.predictor import load_lung_finder
-from training import evidence, metrics
-from training.data import (DEFAULT_DATA_DIR, DEFAULT_NIH_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, Example, XrayDataset,
-                           load_images, read_nih, read_split, subsample)
+from pneunet import metrics
+from training import evidence
+from pneunet.datasets import DEFAULT_DATA_DIR, Example, REPO_ROOT, data_arguments, read_nih, read_split, subsample
+from training.data import XrayDataset, load_images
 from training.localisation import summarise_boxes, summarise_lungs
 from training.shortcuts import ProbeResult, probe_table
 from training.train import predict_logits
@@ -90,7 +92,7 @@ SHIFT_PROXY: dict[str, Callable[[Image.Image], Image.Image]] = {
 def _probabilities(model, config, images, labels, device, lungs=None) -> tuple[np.ndarray, np.ndarray]:
     loader = DataLoader(XrayDataset(images, labels, config, lungs=lungs), batch_size=64)
     logits, labels_np = predict_logits(model, loader, device)
-    return metrics.sigmoid(logits / config.temperature), labels_np
+    return calibrated_probability(logits, config.temperature), labels_np
 
 
 def plot_all(labels: np.ndarray, probabilities: np.ndarray, threshold: float, out: Path, title: str) -> None:
@@ -430,15 +432,11 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(parents=[data_arguments(out="required", nih=True)], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="model .safetensors (with its .json sidecar)")
     parser.add_argument("--split", choices=["val", "test"], default="val", help="(default: %(default)s)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="Kermany 224 folder (default: %(default)s)")
-    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="split CSV (default: %(default)s)")
     parser.add_argument("--lung-masks", default=str(DEFAULT_LUNG_MASKS_DIR),
                         help="reviewed Kermany lung masks, for localisation (default: %(default)s)")
-    parser.add_argument("--nih-dir", default=str(DEFAULT_NIH_DIR), help="nih_adult224 folder (default: %(default)s)")
     parser.add_argument("--no-external", action="store_true",
                         help="skip nih_adult224 (external metrics, its probe and its boxes; default: include it)")
     parser.add_argument("--limit", type=int, default=None,

@@ -29,13 +29,15 @@ from torch.utils.data import DataLoader
 
 from pneunet.cam import GradCAM
 from pneunet.config import ModelConfig
+from pneunet.decision import calibrated_probability
 from pneunet.heatmap import evidence_map
 from pneunet.lungs import LungFields, LungFinder, model_view
 from pneunet.models import PneuNetModel
 from pneunet.predictor import Predictor
+from pneunet.torch_backend import TorchBackend
 from pneunet.overlay import overlay_heatmap
-from training import metrics
-from training.data import Example, XrayDataset
+from pneunet.datasets import Example
+from training.data import XrayDataset
 from training.localisation import Box
 from training.shortcuts import shortcut_probe
 
@@ -90,7 +92,7 @@ def score_images(model: PneuNetModel, config: ModelConfig, images: Sequence[Imag
         logits.append(batch_logits)
         if batch_maps is not None:
             maps.append(batch_maps.astype(np.float32))
-    probabilities = metrics.sigmoid(np.concatenate(logits).astype(np.float64) / config.temperature)
+    probabilities = calibrated_probability(np.concatenate(logits), config.temperature)
     return Scored(probabilities, np.concatenate(maps) if with_maps else None,
                   EVIDENCE_MAP if model.pooled_linear else GRAD_CAM_MAP, side)
 
@@ -171,7 +173,7 @@ def overlay_panels(model: PneuNetModel, config: ModelConfig, images: Sequence[Im
                    device: torch.device, boxes: Sequence[Sequence[Box]] | None = None) -> list[Panel]:
     """Each image as the app shows it: the app's own ``Predictor`` (lung fields, the shown map on the
     model's scale) -> ``overlay_heatmap``. With ``boxes`` (in model-input px), each image's boxes are drawn first."""
-    predictor = Predictor(model, config, None, lungs)
+    predictor = Predictor(TorchBackend(model, config), None, lungs)
     size = (config.image_size, config.image_size)
     panels = []
     for index, image in enumerate(images):

@@ -18,8 +18,9 @@ from tqdm import tqdm
 from pneunet.checkpoint import sha256_of
 from pneunet.gate import InputGate, PpcaDistance, colourfulness, gate_path_for, grey_spread, image_descriptor
 from pneunet.preprocessing import decode
-from pneunet.predictor import Predictor, default_checkpoint
-from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, read_split, subsample
+from pneunet.backends import default_checkpoint
+from pneunet.predictor import Predictor
+from pneunet.datasets import data_arguments, read_split, subsample
 
 
 def pooled_features(predictor: Predictor, paths: list[Path], batch_size: int = 32, description: str = "features") -> np.ndarray:
@@ -83,11 +84,8 @@ def main(args: argparse.Namespace) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(parents=[data_arguments(out=None, out_help="gate file (default: <checkpoint>.gate.safetensors beside it)")], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="model .safetensors (default: $PNEUNET_CHECKPOINT, else the shipped model)")
-    parser.add_argument("--out", default=None, help="gate file (default: <checkpoint>.gate.safetensors beside it)")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="Kermany 224 folder (default: %(default)s)")
-    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="split CSV (default: %(default)s)")
     parser.add_argument("--train-limit", type=int, default=None, help="fit on at most this many train images (default: all)")
     parser.add_argument("--dims", type=int, default=64, help="principal directions kept (default: %(default)s)")
     parser.add_argument("--appearance-dims", type=int, default=16, help="principal directions of the appearance check (default: %(default)s)")

@@ -18,9 +18,10 @@ from tqdm import tqdm
 from pneunet.gate import colourfulness, gate_path_for, grey_spread, image_descriptor
 from pneunet.lungs import model_view
 from pneunet.preprocessing import decode
-from pneunet.predictor import Predictor, default_checkpoint
-from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, read_split
-from training.non_xrays import non_xray_images
+from pneunet.backends import default_checkpoint
+from pneunet.predictor import Predictor
+from pneunet.datasets import REPO_ROOT, data_arguments, read_split
+from pneunet.non_xrays import non_xray_images
 
 
 def gate_verdict(predictor: Predictor, source) -> tuple[bool, str, float | None, float | None]:
@@ -130,11 +131,8 @@ def main(args: argparse.Namespace) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(parents=[data_arguments(out=str(REPO_ROOT / "docs" / "gate_report.md"), out_help="report")], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="model .safetensors (default: $PNEUNET_CHECKPOINT, else the shipped model)")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="Kermany 224 folder (default: %(default)s)")
-    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="split CSV (default: %(default)s)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "gate_report.md"), help="report (default: %(default)s)")
     return parser
 
 

@@ -21,7 +21,7 @@ from pneunet.integrity import sha256_of
 from pneunet.lungs import LungFinder
 from pneunet.models import default_config
 from pneunet.preprocessing import to_unit
-from training.data import DEFAULT_DATA_DIR, DEFAULT_NIH_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, read_nih
+from pneunet.datasets import DEFAULT_DATA_DIR, DEFAULT_NIH_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, read_nih
 from training.localisation import bootstrap_mean_ci
 from training.train_lungs import DEFAULT_LUNGS_DIR, contact_sheet, load_masked_examples, overlap_scores
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from training.data import REPO_ROOT
+from pneunet.datasets import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 START, END = "<!-- results:start (python -m training.readme) -->", "<!-- results:end -->"

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pneunet.checkpoint import load_checkpoint, save_checkpoint, sha256_of
-from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, XrayDataset, load_images, read_split
+from pneunet.datasets import data_arguments, read_split
+from training.data import XrayDataset, load_images
 from training.train import calibrate_on_validation, git_commit
 
 
@@ -67,12 +68,9 @@ def main(args: argparse.Namespace) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(parents=[data_arguments(out="required")], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="ingredient .safetensors files (same architecture)")
-    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--min-sensitivity", type=float, default=0.97, help="(default: %(default)s)")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="(default: %(default)s)")
-    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="(default: %(default)s)")
     return parser
 
 

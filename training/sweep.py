@@ -20,7 +20,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT
+from pneunet.datasets import REPO_ROOT, data_arguments
 
 # Changes to the efficientnet_lite0 recipe (pneunet.models), each robust-by-construction in its own way.
 VARIANTS: dict[str, list[str]] = {
@@ -109,16 +109,13 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(parents=[data_arguments(out=str(REPO_ROOT / "docs" / "sweep"), out_help="report folder")], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="efficientnet_lite0", help="architecture (default: %(default)s)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="(default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers per training (default: %(default)s)")
     parser.add_argument("--runs", default=str(REPO_ROOT / "runs" / "sweep"), help="(default: %(default)s)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "sweep"), help="(default: %(default)s)")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="(default: %(default)s)")
-    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="(default: %(default)s)")
     return parser
 
 

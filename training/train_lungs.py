@@ -29,7 +29,7 @@ from pneunet.lung_model import build_lung_model, save_lung_checkpoint
 from pneunet.lungs import LungConfig, lung_fields, segmenter_input
 from pneunet.models import default_config
 from pneunet.preprocessing import to_unit
-from training.data import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT, read_split
+from pneunet.datasets import DEFAULT_DATA_DIR, REPO_ROOT, data_arguments, read_split
 from training.train import git_commit, hardware
 
 DEFAULT_LUNGS_DIR = DEFAULT_DATA_DIR.parent / "kermany224_lungs"
@@ -216,12 +216,8 @@ def main(args: argparse.Namespace) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="Kermany 224 images (default: %(default)s)")
+    parser = argparse.ArgumentParser(parents=[data_arguments(out=str(REPO_ROOT / "runs" / "lungs"), nih=True)], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lungs-dir", default=str(DEFAULT_LUNGS_DIR), help="lung masks (default: %(default)s)")
-    parser.add_argument("--nih-dir", default=str(DEFAULT_NIH_DIR), help="adult X-rays for the contact sheet (default: %(default)s)")
-    parser.add_argument("--split-file", default=str(DEFAULT_SPLIT_FILE), help="split CSV (default: %(default)s)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "lungs"), help="output folder (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")

@@ -9,7 +9,7 @@
    gradio_client ``/predict``, and after EVERY case a good X-ray whose answer is checked. The batch
    endpoint gets all cases in one call.
 4. Browser: a few cases uploaded in headless Chromium (Playwright, Debian's chromium); the verdict or
-   the error toast is what the person saw.
+   the verdict area (a refusal: "Not analysed" and the reason) is what the person saw.
 5. Privacy: the server's stdout/stderr and every answer are searched for the DICOM patient fields; the
    server's temp folder is searched for the uploads after their requests.
 6. Limits: a second server with a 0.75 s request timeout gets a slow (59 MP) image, then a good one.
@@ -100,7 +100,7 @@ def run_batch_command(command: list[str], cases: list[Case], work: Path, interfa
         elif row["error"]:
             report.put(case.name, interface, Outcome("refused", row["error"]))
         else:
-            report.put(case.name, interface, Outcome("analysed", f"{row['label']} {float(row['pneumonia_probability']):.3f}"))
+            report.put(case.name, interface, Outcome("analysed", f"{row['label']} {float(row['probability_value']):.3f}"))
     if crashed:
         report.notes.append(f"{interface}: exit code {done.returncode}; last stderr lines: {done.stderr.strip()[-500:]}")
     report.notes.append(f"{interface}: one process over {len(cases)} files, exit code {done.returncode} "
@@ -209,8 +209,8 @@ def run_batch_api(server: AppServer, cases: list[Case], report: Report) -> None:
             continue
         try:
             table, _ = client.predict([handle_file(str(case.path))], api_name="/predict_batch")
-            _, label, probability, _, error = table_rows(table)[0]
-            outcome = Outcome("refused", error) if error else Outcome("analysed", f"{label} {float(probability):.3f}")
+            _, label, probability, _, _, error = table_rows(table)[0]
+            outcome = Outcome("refused", error) if error else Outcome("analysed", f"{label} {probability}")
         except Exception as error:
             outcome = Outcome("refused", f"(sent alone) {type(error).__name__}: {error}")
         report.put(case.name, "batch", outcome)
@@ -222,11 +222,11 @@ def run_batch_api(server: AppServer, cases: list[Case], report: Report) -> None:
         return
     rows = table_rows(table)
     for case, row in zip(batch, rows):
-        _, label, probability, _, error = row
+        _, label, probability, _, _, error = row  # file, label, probability (as shown), threshold, lung fields, error
         if error:
             report.put(case.name, "batch", Outcome("refused", error))
         else:
-            report.put(case.name, "batch", Outcome("analysed", f"{label} {float(probability):.3f}"))
+            report.put(case.name, "batch", Outcome("analysed", f"{label} {probability}"))
     report.good_after_bad_checks += 1
     ok, text = good_answer_ok(client)
     if not ok:
@@ -246,15 +246,15 @@ def run_browser(server: AppServer, cases: list[Case], report: Report, shots: Pat
             page.goto(server.url, wait_until="networkidle")
             page.locator("#upload input[type=file]").set_input_files(str(case.path))
             verdict = page.locator("#verdict").get_by_text("Calibrated pneumonia probability")
-            toast = page.locator("[data-testid='toast-body']")
+            refusal = page.locator("#verdict").get_by_text("Not analysed")  # the reason stays in the result area
             deadline = time.monotonic() + 90
             outcome = None
             while time.monotonic() < deadline and outcome is None:
                 if verdict.count():
                     text = page.locator("#verdict").inner_text()
                     outcome = Outcome("analysed", text.split("\n")[0] + " / " + re.sub(r"\s+", " ", text.split("\n")[2])[:80])
-                elif toast.count():
-                    outcome = Outcome("refused", re.sub(r"\s+", " ", toast.first.inner_text()).replace(" ×", "").strip())
+                elif refusal.count():
+                    outcome = Outcome("refused", re.sub(r"\s+", " ", page.locator("#verdict").inner_text()).strip())
                 else:
                     page.wait_for_timeout(250)
             if outcome is None:
@@ -404,7 +404,7 @@ def write_report(report: Report, out: Path, args, started: float) -> dict:
         "*analysed* = a verdict (label and calibrated pneumonia probability); *refused* = the exact message the "
         "person (or program) saw. The CLI and edge messages are the stderr lines (`path: reason`), shown "
         "without the path. API = gradio_client `/predict`; batch = `/predict_batch` (one call, all cases); "
-        "browser = the error toast or the verdict in headless Chromium.",
+        "browser = the verdict area (a verdict, or 'Not analysed' with the reason) in headless Chromium.",
         "",
     ]
     if report.good_after_bad:

@@ -151,7 +151,7 @@ def side_by_side(rows: list[tuple[str, dict]]) -> list[str]:
         f"| Kermany AUC (95 % CI) | {cells(lambda r: _fmt_ci(r['metrics']))} |",
         f"| Kermany sensitivity / specificity / ECE | {cells(lambda r: '{:.4f} / {:.4f} / {:.4f}'.format(r['metrics']['sensitivity'], r['metrics']['specificity'], r['metrics']['ece']))} |",
         f"| nih_adult224 AUC (95 % CI) | {cells(lambda r: _fmt_ci(nih(r)))} |",
-        f"| nih_adult224 sensitivity / specificity at the model's threshold | {cells(lambda r: '{:.4f} / {:.4f}'.format(nih(r)['sensitivity'], nih(r)['specificity']))} |",
+        f"| nih_adult224 sensitivity / specificity / ECE at the model's threshold | {cells(lambda r: '{:.4f} / {:.4f} / {:.4f}'.format(nih(r)['sensitivity'], nih(r)['specificity'], nih(r)['ece']))} |",
         f"| Kermany pneumonia: energy in lungs (uniform map) | {cells(lambda r: '{} ({})'.format(_num(loc(r)['kermany']['energy_in_lungs']), _num(loc(r)['kermany']['uniform_energy'])))} |",
         f"| Kermany pneumonia: pointing (peak in lungs) | {cells(lambda r: _num(loc(r)['kermany']['pointing']))} |",
         f"| Kermany pneumonia: peak in the central fifth | {cells(lambda r: _pct(loc(r)['kermany']['peak_in_central_fifth']))} |",
@@ -271,6 +271,8 @@ def write_report(chosen: dict, candidates: list[dict], seeds: list[dict], test: 
         "[ROC](report/test/roc.png), [PR](report/test/pr.png), [confusion matrix](report/test/confusion_matrix.png), "
         "[reliability](report/test/reliability.png); validation in `report/val/`.",
         "",
+        calibration_sentence(val, test),
+        "",
         "| target (test) | wanted | reached |",
         "|---|---|---|",
         f"| AUC | ≥ 0.985 | {t['auc']:.4f} |",
@@ -359,6 +361,19 @@ def trained_with_shipped_recipe(provenance: dict) -> bool:
 
     command = shlex.split(provenance["command"])[3:]  # after "python -m training.train"
     return recipe_settings(parse_args(command)) == recipe_settings(parse_args(["--recipe", str(SHIPPED_RECIPE)]))
+
+
+def calibration_sentence(val: dict, test: dict) -> str:
+    """Where "calibrated" holds: ECE on every evaluated set, and the way to make it hold elsewhere."""
+    sets = [("Kermany validation", val["metrics"]), ("Kermany test", test["metrics"])]
+    for name, result in (("nih_adult224 validation", val), ("nih_adult224 test", test)):
+        external = (result.get("external") or {}).get("nih_adult224")
+        if external:
+            sets.append((name, external["metrics"]))
+    listed = ", ".join(f"{name} {m['ece']:.3f}" for name, m in sets)
+    return (f"Calibration (expected calibration error, 15 bins): {listed}. The temperature was fitted on Kermany "
+            "validation, so the probability is calibrated there; elsewhere it drifts, and a site profile fitted on "
+            "the site's own films (`python -m pneunet calibrate`, docs/site_calibration.md) is how to make it hold.")
 
 
 def ablation_name(recipe: dict, shipped: dict) -> str:

@@ -64,7 +64,7 @@ LAUNCH_OPTIONS = dict(share=False, ssr_mode=False, max_file_size=f"{MAX_UPLOAD_M
 NO_FILE = "Please upload a chest X-ray image first (JPEG, PNG or DICOM)."
 GONE = "The uploaded file is no longer on the server (uploads are deleted right after use); please upload it again."
 INTERNAL_MESSAGE = "This file could not be analysed because of an internal error; it was not analysed. Please try another file."
-BATCH_HEADERS = ["file", "label", "pneumonia_probability", "threshold", "lung_fields", "error"]
+BATCH_HEADERS = ["file", "label", "pneumonia_probability", "threshold", "lung_fields", "error", "operating_point", "warning"]
 NOT_A_DEVICE = "*Screening aid for research: not a medical device, not for diagnosis.*"
 
 log = logging.getLogger("pneunet.app")
@@ -165,9 +165,19 @@ class AppService:
         headline = "## Pneumonia suspected" if result.label == self.pneumonia_label else "## No pneumonia found"
         note = lungs_not_found_note(result.lungs)
         warning = f"**Lung fields not found.** {note}\n\n" if note else ""
+        if result.warning:
+            warning += f"**Unlike the training population.** {result.warning}\n\n"
         return (f"{headline}\n\n{warning}Calibrated pneumonia probability: **{format_probability(result.pneumonia_probability)}** "
-                f"(threshold {format_probability(result.threshold)}).\n\n{operating_point(self.report, self.config)}\n\n"
+                f"(threshold {format_probability(result.threshold)}).\n\n{self.operating_point_text(result)}\n\n"
                 f"{self.heatmap_meaning(result)} {NOT_A_DEVICE}")
+
+    def operating_point_text(self, result: Prediction) -> str:
+        """What the threshold means: the shipped figures, or the site profile in force (whose probability and
+        threshold were refitted on that site's films; the heatmap is the model's, unchanged)."""
+        if result.operating_point == "shipped":
+            return operating_point(self.report, self.config)
+        return (f"Operating point: **{result.operating_point}**, not the shipped one: the probability and the "
+                f"threshold were refitted on that site's labelled X-rays (the heatmap is unchanged).")
 
     @staticmethod
     def refusal_markdown(message: str) -> str:
@@ -180,7 +190,8 @@ class AppService:
         for every image) or "relative" (an old model's map, scaled to the image's own maximum)."""
         values = {"label": result.label, "pneumonia_probability": round(result.pneumonia_probability, 4),
                   "threshold": round(result.threshold, 4), "heatmap_target": target, "heatmap_scale": self.heatmap_scale,
-                  "lung_fields_found": None if result.lungs is None else bool(result.lungs.plausible)}
+                  "lung_fields_found": None if result.lungs is None else bool(result.lungs.plausible),
+                  "operating_point": result.operating_point, "warning": result.warning}
         note = lungs_not_found_note(result.lungs)
         if note:
             values["note"] = note
@@ -225,8 +236,7 @@ class AppService:
         def work(path: str):
             with self.janitor.using(path):
                 prepared = self.predictor.prepare(path)
-            result = self.predictor.predict_inputs(prepared.model_input[None], heatmap=True, target=targets,
-                                                   lungs=[prepared.lungs])[0]
+            result = self.predictor.predict_prepared([prepared], heatmap=True, target=targets)[0]
             return result, prepared.grey
 
         result, grey = self._run(work, path)
@@ -259,8 +269,7 @@ class AppService:
 
     def _predict_one(self, path: str) -> Prediction:
         """The batch tab's model call: no heatmap, but the lung fields the model saw."""
-        prepared = self.predictor.prepare(path)
-        return self.predictor.predict_inputs(prepared.model_input[None], lungs=[prepared.lungs])[0]
+        return self.predictor.predict_prepared([self.predictor.prepare(path)])[0]
 
     def batch_rows(self, paths: list[str]) -> list[list[str]]:
         """One row per file (BATCH_HEADERS), probabilities as people read them; a file that was not analysed
@@ -275,10 +284,12 @@ class AppService:
                         log.info("upload not analysed: not a chest X-ray")
                         raise NotAnalysed(result.refusal)
                 except NotAnalysed as refusal:
-                    rows.append([name, "", "", format_probability(self.config.threshold), "", str(refusal)])
+                    rows.append([name, "", "", format_probability(self.predictor.threshold), "", str(refusal),
+                                 self.predictor.operating_point, ""])
                     continue
                 rows.append([name, result.label, format_probability(result.pneumonia_probability),
-                             format_probability(result.threshold), lung_fields_note(result.lungs), ""])
+                             format_probability(result.threshold), lung_fields_note(result.lungs), "",
+                             result.operating_point, result.warning or ""])
         return rows
 
     def analyse_batch(self, paths: list[str] | None):
@@ -380,7 +391,8 @@ def main() -> int:
     pneunet_log.setLevel(logging.INFO)
     pneunet_log.propagate = False
     try:
-        predictor = Predictor.load(backend=os.environ.get(BACKEND_ENV) or "auto")
+        # $PNEUNET_SITE: a site profile (python -m pneunet calibrate) for this model, refused for another one
+        predictor = Predictor.load(backend=os.environ.get(BACKEND_ENV) or "auto", site=os.environ.get("PNEUNET_SITE") or None)
     except ModelFileError as error:  # missing, damaged or changed model / gate / segmenter file
         print(f"error: {error}", file=sys.stderr)
         return 1

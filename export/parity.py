@@ -312,7 +312,7 @@ def markdown(report: dict, command: str) -> str:
     if gate_lines:
         lines += ["", f"Input gate, feature check alone (the export's pooled features vs PyTorch's): on these "
                   f"{report['images']['val'] + report['images']['test']} X-rays, which it should all accept, and on the "
-                  "non-X-ray images of `training/non_xrays.py`, which it should refuse. The app and the runner refuse all of "
+                  "non-X-ray images of `pneunet/non_xrays.py`, which it should refuse. The app and the runner refuse all of "
                   "those anyway, before the model runs, by the model-independent appearance check (docs/gate_report.md); "
                   "the feature check is the second line:", ""] + gate_lines
     notes = []

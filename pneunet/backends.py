@@ -48,6 +48,7 @@ BACKENDS = ("auto", "onnx", "tflite", "torch")
 
 class Backend(Protocol):
     name: str  # e.g. "onnxruntime", "ai-edge-litert", "torch"
+    sha256: str  # of the model file
     config: ModelConfig
     classifier_weight: np.ndarray | None  # (C,) of a pooled-linear head: the heatmap; None without one
 
@@ -265,6 +266,11 @@ class ExportedModel:
     @property
     def name(self) -> str:
         return self.runner.name
+
+    @property
+    def sha256(self) -> str:
+        """The model file's sha256 (checked at load): what a site profile is bound to."""
+        return self.entry["sha256"]
 
     runtime = name  # older spelling
 

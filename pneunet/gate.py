@@ -10,6 +10,11 @@ Three checks, all cheap and all usable by the torch-free edge runner:
 2. ``check_features``: on the model's pooled features (mean over H, W of ``model.features(x)``), the same
    kind of distance (Tipping & Bishop 1999: the first ``k`` principal directions scaled by their own
    variance, the rest by the average left-over variance) to the training X-rays' features.
+3. ``population_warning``: never a refusal. On the image descriptor: the distance to the main training
+   population alone (Kermany's children), and a linear score fitted to tell those films from the other
+   chest X-rays PneuNet has (nih_adult224's adults); a real chest X-ray unlike that population (an adult's,
+   another machine, a portable film) is scored and flagged with a plain warning. "Not a chest X-ray" is for checks 1 and 2, fitted on every
+   kind of chest X-ray PneuNet has (Kermany and nih_adult224), so adults are never called non-X-rays.
 
 Both distances are fitted on TRAIN X-rays and their thresholds set on VALIDATION X-rays (margin x a high
 quantile); no non-X-ray image and no test image sets a threshold.
@@ -35,6 +40,9 @@ from pneunet.integrity import ModelFileError, sha256_of
 from pneunet.preprocessing import InvalidImageError
 
 REFUSAL_ADVICE = "Please upload a frontal chest X-ray (JPEG, PNG or DICOM)."
+POPULATION_WARNING = ("This chest X-ray looks unlike the ones the model mostly learned from (children aged 1-5 in one "
+                      "hospital): it may be an adult's, or from another kind of machine or setting. It was analysed, "
+                      "but treat the result with extra caution.")
 
 
 class NotAnXrayError(InvalidImageError):
@@ -196,6 +204,21 @@ class PpcaDistance:
 
 
 @dataclass
+class LinearScore:
+    """A linear score on standardised vectors, ((v - mean) / scale) . weight + bias; above ``threshold`` flags."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray
+    bias: float
+    threshold: float = float("inf")
+
+    def score(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+        return ((vectors - self.mean) / self.scale) @ self.weight + self.bias
+
+
+@dataclass
 class InputGate:
     """Fitted gate parameters; ``threshold`` applies to ``distance`` (larger = less like an X-ray)."""
 
@@ -206,7 +229,14 @@ class InputGate:
     threshold: float  # distance above which an image is refused
     max_colourfulness: float = 12.0
     min_grey_spread: float = 4.0
-    appearance: PpcaDistance | None = None  # distance of ``image_descriptor`` to the training X-rays
+    appearance: PpcaDistance | None = None  # distance of ``image_descriptor`` to the training X-rays (Kermany's)
+    # The same distance to the other chest X-rays PneuNet has (nih_adult224's adults): an image is refused
+    # only when it is far from both populations, so an adult's film is never called "not a chest X-ray".
+    appearance_adult: PpcaDistance | None = None
+    # The training-population check, on ``image_descriptor`` (flag, never refuse): the distance to the main
+    # training population (Kermany's children) alone, and a linear score separating it from other chest X-rays.
+    population: PpcaDistance | None = None
+    population_score: LinearScore | None = None
 
     def distance(self, pooled: np.ndarray) -> np.ndarray:
         """Per-image PPCA Mahalanobis distance, divided by sqrt(C) so typical X-rays score ~1."""
@@ -226,11 +256,18 @@ class InputGate:
         if spread < self.min_grey_spread:
             return f"the image is blank (almost one grey level), not a chest X-ray. {REFUSAL_ADVICE}"
         if self.appearance is not None:
-            distance = float(self.appearance.distance(image_descriptor(image))[0])
-            if distance > self.appearance.threshold:
-                return (f"this does not look like a chest X-ray (its layout, contrast and texture are at distance "
-                        f"{distance:.2f} from the training X-rays, limit {self.appearance.threshold:.2f}). {REFUSAL_ADVICE}")
+            distance = self.appearance_ratio(image_descriptor(image))
+            if distance > 1.0:
+                return (f"this does not look like a chest X-ray (its layout, contrast and texture are {distance:.2f} times "
+                        f"as far from the training X-rays as the limit). {REFUSAL_ADVICE}")
         return None
+
+    def appearance_ratio(self, descriptors: np.ndarray) -> float | np.ndarray:
+        """Appearance distance over its limit, to the nearer population (> 1: refused); a float for one image."""
+        ratio = self.appearance.distance(descriptors) / self.appearance.threshold
+        if self.appearance_adult is not None:
+            ratio = np.minimum(ratio, self.appearance_adult.distance(descriptors) / self.appearance_adult.threshold)
+        return float(ratio[0]) if np.ndim(descriptors) == 1 else ratio
 
     def features_refused(self, pooled: np.ndarray) -> np.ndarray:
         """Per image (rows of ``pooled``): whether the feature check refuses it."""
@@ -242,6 +279,16 @@ class InputGate:
             return (f"this does not look like a chest X-ray to the model (distance {distance:.2f} from the training "
                     f"X-rays, limit {self.threshold:.2f}). {REFUSAL_ADVICE}")
         return None
+
+    def population_warning(self, image: Image.Image) -> str | None:
+        """The plain warning for a chest X-ray unlike the training population (None when it is alike, or for a
+        gate without the population check). Such an image is still scored."""
+        if self.population is None and self.population_score is None:
+            return None
+        descriptor = image_descriptor(image)
+        far = self.population is not None and float(self.population.distance(descriptor)[0]) > self.population.threshold
+        other = self.population_score is not None and float(self.population_score.score(descriptor)[0]) > self.population_score.threshold
+        return POPULATION_WARNING if far or other else None
 
     def check_image(self, image: Image.Image) -> None:
         reason = self.image_refusal(image)
@@ -270,6 +317,22 @@ class InputGate:
                            "appearance_variances": self.appearance.variances})
             if self.appearance.scale is not None:
                 arrays["appearance_scale"] = self.appearance.scale
+        if self.appearance_adult is not None:
+            scalars["appearance_adult"] = {"residual_variance": self.appearance_adult.residual_variance,
+                                           "threshold": self.appearance_adult.threshold}
+            arrays.update({"appearance_adult_mean": self.appearance_adult.mean,
+                           "appearance_adult_components": self.appearance_adult.components,
+                           "appearance_adult_variances": self.appearance_adult.variances})
+        if self.population is not None:
+            scalars["population"] = {"residual_variance": self.population.residual_variance,
+                                     "threshold": self.population.threshold}
+            arrays.update({"population_mean": self.population.mean, "population_components": self.population.components,
+                           "population_variances": self.population.variances})
+        if self.population_score is not None:
+            scalars["population_score"] = {"bias": self.population_score.bias, "threshold": self.population_score.threshold}
+            arrays.update({"population_score_mean": self.population_score.mean,
+                           "population_score_scale": self.population_score.scale,
+                           "population_score_weight": self.population_score.weight})
         header = {"gate": json.dumps(scalars), "provenance": json.dumps(metadata or {})}
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(path), metadata=header)
         record = {"format": "pneunet-gate/1", "file": Path(path).name, "sha256": sha256_of(Path(path))}
@@ -295,7 +358,22 @@ class InputGate:
                 appearance = PpcaDistance(arrays.pop("appearance_mean"), arrays.pop("appearance_components"),
                                           arrays.pop("appearance_variances"), appearance["residual_variance"],
                                           arrays.pop("appearance_scale", None), appearance["threshold"])
-            gate = cls(**arrays, **scalars, appearance=appearance)
+            adult = scalars.pop("appearance_adult", None)
+            if adult is not None:
+                adult = PpcaDistance(arrays.pop("appearance_adult_mean"), arrays.pop("appearance_adult_components"),
+                                     arrays.pop("appearance_adult_variances"), adult["residual_variance"], None,
+                                     adult["threshold"])
+            population = scalars.pop("population", None)
+            if population is not None:  # the training-population check (gates fitted since issue 12)
+                population = PpcaDistance(arrays.pop("population_mean"), arrays.pop("population_components"),
+                                          arrays.pop("population_variances"), population["residual_variance"],
+                                          None, population["threshold"])
+            score = scalars.pop("population_score", None)
+            if score is not None:
+                score = LinearScore(arrays.pop("population_score_mean"), arrays.pop("population_score_scale"),
+                                    arrays.pop("population_score_weight"), score["bias"], score["threshold"])
+            gate = cls(**arrays, **scalars, appearance=appearance, appearance_adult=adult, population=population,
+                       population_score=score)
         except Exception as error:  # SafetensorError, KeyError, JSONDecodeError, ... for a damaged file
             raise GateFileError(f"{path}: not a readable gate file ({error})") from error
         return gate

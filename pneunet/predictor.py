@@ -25,12 +25,13 @@ from PIL import Image
 
 from pneunet.backends import Backend, ExportedModel, ModelFileError, load_backend
 from pneunet.config import ModelConfig
-from pneunet.decision import calibrated_probability, decide
+from pneunet.decision import calibrated_probability, is_pneumonia
 from pneunet.gate import GateFileError, InputGate, NotAnXrayError, gate_fitted_for, gate_path_for
 from pneunet.heatmap import evidence_and_shown, heatmap_from_features, target_sign
 from pneunet.integrity import sha256_of
 from pneunet.lungs import LungFields, LungFileError, LungFinder, lungs_path_for, model_view
 from pneunet.preprocessing import ImageSource, decode, load_grey
+from pneunet.site import SiteProfile
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Prediction:
     # The raw evidence map (calibrated-logit contribution, signed, before lung masking) per target.
     evidence: dict[str, np.ndarray] = field(default_factory=dict)
     lungs: LungFields | None = None  # the lung fields the classifier saw (None for a model without them)
+    operating_point: str = "shipped"  # "shipped", or the site profile in force (pneunet.site.SiteProfile.describe)
+    warning: str | None = None  # a chest X-ray unlike the training population (scored, flagged: pneunet.gate)
 
 
 class PreparedImage(NamedTuple):
@@ -56,6 +59,7 @@ class PreparedImage(NamedTuple):
     grey: Image.Image
     model_input: np.ndarray  # (channels, size, size)
     lungs: LungFields | None = None
+    warning: str | None = None  # unlike the training population (pneunet.gate: scored, flagged)
 
 
 def load_lung_finder(checkpoint: Path, config: ModelConfig, threads: int | None = None) -> LungFinder | None:
@@ -113,25 +117,43 @@ def _checkpoint_gate(checkpoint: Path) -> InputGate | None:
 
 
 class Predictor:
-    """A backend + its config + (optional) input gate + (optional) lung-field segmenter."""
+    """A backend + its config + (optional) input gate + (optional) lung-field segmenter + (optional) site
+    profile, which replaces the shipped calibration and threshold (never the heatmap)."""
 
-    def __init__(self, backend: Backend, gate: InputGate | None = None, lungs: LungFinder | None = None):
-        self.backend, self.config, self.gate, self.lungs = backend, backend.config, gate, lungs
+    def __init__(self, backend: Backend, gate: InputGate | None = None, lungs: LungFinder | None = None,
+                 site: SiteProfile | None = None):
+        self.backend, self.config, self.gate, self.lungs, self.site = backend, backend.config, gate, lungs, site
+
+    @property
+    def threshold(self) -> float:
+        return float(self.site.threshold if self.site is not None else self.config.threshold)
+
+    @property
+    def operating_point(self) -> str:
+        return self.site.describe() if self.site is not None else "shipped"
+
+    def probability(self, logits) -> np.ndarray:
+        """The calibrated probability: the shipped temperature, or the site profile's calibration."""
+        if self.site is not None:
+            return self.site.probability(logits)
+        return calibrated_probability(logits, self.config.temperature)
 
     @classmethod
     def load(cls, model: str | Path | None = None, backend: str = "auto", gate: bool = True,
-             threads: int | None = None, int8_kernels: str = "auto") -> "Predictor":
+             threads: int | None = None, int8_kernels: str = "auto", site: str | Path | None = None) -> "Predictor":
         """Load ``model`` (an export ``.onnx`` / ``.tflite``, or a ``.safetensors`` checkpoint; default:
         ``pneunet.backends.default_model()``, or the shipped checkpoint with ``backend="torch"``) with the
         lung-field segmenter it was trained with and, when ``gate``, its input gate. Every file is checked
-        against the sha256 recorded beside it (``ModelFileError`` naming the file otherwise)."""
+        against the sha256 recorded beside it (``ModelFileError`` naming the file otherwise). ``site``: a site
+        profile (``python -m pneunet calibrate``), refused unless fitted for this model file."""
         loaded = load_backend(model, backend, threads, int8_kernels)
+        profile = SiteProfile.load(site, loaded.sha256) if site else None
         if isinstance(loaded, ExportedModel):
             gate_file = loaded.file_beside("gate") if gate else None
             input_gate = InputGate.load(gate_file) if gate_file else None
-            return cls(loaded, input_gate, load_export_lungs(loaded, threads))
+            return cls(loaded, input_gate, load_export_lungs(loaded, threads), profile)
         return cls(loaded, _checkpoint_gate(loaded.path) if gate else None,
-                   load_lung_finder(loaded.path, loaded.config, threads))
+                   load_lung_finder(loaded.path, loaded.config, threads), profile)
 
     @property
     def runtime(self) -> str:
@@ -141,10 +163,21 @@ class Predictor:
         """Decode, apply the image-level gate (colour, blank) and preprocess. Raises ``InvalidImageError``
         (``NotAnXrayError`` for a refused image) with a message for the person who gave the image."""
         decoded = decode(source)
+        warning = None
         if self.gate is not None:
             self.gate.check_image(decoded)
+            warning = self.gate.population_warning(decoded)
         grey = load_grey(decoded)
-        return PreparedImage(grey, *model_view(grey, self.config, self.lungs))
+        return PreparedImage(grey, *model_view(grey, self.config, self.lungs), warning)
+
+    def predict_prepared(self, images: Sequence[PreparedImage], heatmap: bool = False,
+                         target: str | Sequence[str] = "pneumonia") -> list[Prediction]:
+        """``predict_inputs`` on images from ``prepare``, keeping their lung fields and population warnings."""
+        results = self.predict_inputs(np.stack([image.model_input for image in images]), heatmap, target,
+                                      [image.lungs for image in images])
+        for result, image in zip(results, images):
+            result.warning = image.warning
+        return results
 
     def predict_inputs(self, inputs: np.ndarray, heatmap: bool = False, target: str | Sequence[str] = "pneumonia",
                        lungs: Sequence[LungFields | None] | None = None) -> list[Prediction]:
@@ -161,7 +194,7 @@ class Predictor:
         lungs = list(lungs) if lungs is not None else [None] * len(logits)
         if len(lungs) != len(logits):
             raise ValueError(f"{len(logits)} inputs but {len(lungs)} lung fields")
-        probabilities = calibrated_probability(logits, self.config.temperature)
+        probabilities = self.probability(logits)
         results = []
         for logit, probability, feature_map, fields in zip(logits, probabilities, features, lungs):
             pooled = feature_map.mean(axis=(1, 2))
@@ -170,9 +203,10 @@ class Predictor:
                 distance = float(self.gate.distance(pooled)[0])
                 refusal = self.gate.feature_refusal(distance)
             shown, evidence = self._maps(feature_map, targets, fields) if heatmap else ({}, {})
-            results.append(Prediction(decide(probability, self.config), float(probability), float(self.config.threshold),
-                                      float(logit), next(iter(shown.values()), None), shown, pooled, distance, refusal,
-                                      evidence, fields))
+            label = self.config.labels[1] if is_pneumonia(probability, self.threshold) else self.config.labels[0]
+            results.append(Prediction(label, float(probability), self.threshold, float(logit),
+                                      next(iter(shown.values()), None), shown, pooled, distance, refusal, evidence, fields,
+                                      self.operating_point))
         return results
 
     def _maps(self, feature_map: np.ndarray, targets: list[str], fields: LungFields | None) -> tuple[dict, dict]:
@@ -194,11 +228,10 @@ class Predictor:
         """One image (path, bytes, PIL image or array). Raises ``InvalidImageError`` for bad input and,
         when ``gate`` and a gate is loaded, ``NotAnXrayError`` for an image that is not a chest X-ray."""
         if gate:
-            prepared = self.prepare(source)
-            model_input, lungs = prepared.model_input, prepared.lungs
+            result = self.predict_prepared([self.prepare(source)], heatmap, target)[0]
         else:
             model_input, lungs = model_view(source, self.config, self.lungs)
-        result = self.predict_inputs(model_input[None], heatmap, target, [lungs])[0]
+            result = self.predict_inputs(model_input[None], heatmap, target, [lungs])[0]
         if gate and result.refusal:
             raise NotAnXrayError(result.refusal)
         return result

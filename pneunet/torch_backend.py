@@ -14,6 +14,7 @@ import torch
 
 from pneunet.checkpoint import load_checkpoint
 from pneunet.config import ModelConfig
+from pneunet.integrity import sha256_of
 from pneunet.models import PneuNetModel
 
 
@@ -24,6 +25,7 @@ class TorchBackend:
         # channels_last: ~1.6x faster convolutions on CPU, same numbers.
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.config, self.path = config, path
+        self.sha256 = sha256_of(path) if path is not None else ""
         self.device = next(model.parameters()).device
         self.classifier_weight = (model.head[-1].weight.detach().float().cpu().numpy()[0]
                                   if model.pooled_linear else None)

@@ -22,8 +22,8 @@ XRAY = EXAMPLES / "pneumonia_person1_virus_6.jpeg"
 
 
 @pytest.fixture(scope="module")
-def predictor() -> Predictor:
-    return Predictor.load()
+def predictor(served_predictor) -> Predictor:
+    return served_predictor
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])

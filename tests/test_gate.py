@@ -88,11 +88,10 @@ def test_image_checks():
 
 
 @pytest.fixture(scope="module")
-def predictor():
+def predictor(served_predictor):
     from pneunet.backends import default_checkpoint
-    from pneunet.predictor import Predictor
 
-    loaded = Predictor.load()
+    loaded = served_predictor
     if loaded.gate is None:
         pytest.fail(f"{gate_path_for(default_checkpoint())} missing: run python -m training.fit_gate "
                     f"--checkpoint {default_checkpoint()}")
@@ -144,3 +143,66 @@ def test_cli_writes_cam_overlays_at_the_images_own_size(tmp_path):
     rgb = np.asarray(overlay, dtype=np.int16)
     chroma = rgb.max(axis=2) - rgb.min(axis=2)
     assert 0.01 < np.mean(chroma > 20) < 0.95
+
+
+# ------------------------------------------------------------------ issue 12: not an X-ray vs unlike the population
+
+
+def real_xrays(count: int) -> tuple[list[Path], list[Path]]:
+    """(Kermany test, nih_adult224 test) X-rays, ``count`` of each, spread over both classes."""
+    from pneunet.datasets import DEFAULT_NIH_DIR, read_nih, read_split
+    from tests.helpers import require_data
+
+    data_dir = require_data()
+    if not DEFAULT_NIH_DIR.is_dir():
+        pytest.skip(f"{DEFAULT_NIH_DIR} not present")
+    kermany = read_split(split="test")[:: max(1, 624 // count)][:count]
+    adults = read_nih(DEFAULT_NIH_DIR, "test")[:: max(1, 199 // count)][:count]
+    return [data_dir / e.path for e in kermany], [DEFAULT_NIH_DIR / e.path for e in adults]
+
+
+def test_real_adult_and_paediatric_xrays_are_scored_and_adults_flagged(predictor):
+    if predictor.gate.population is None:
+        pytest.fail("the shipped gate has no population check: refit it with python -m training.fit_gate")
+    kermany, adults = real_xrays(24)
+    flags = {}
+    for name, paths in (("kermany", kermany), ("adults", adults)):
+        results = [predictor.predict(path) for path in paths]  # raises NotAnXrayError if one is refused
+        flags[name] = np.mean([r.warning is not None for r in results])
+    # docs/gate_report.md has the full test sets; on these samples most adults and few children are flagged
+    assert flags["adults"] >= 0.5 and flags["kermany"] <= 0.2, flags
+
+
+def test_app_cli_and_edge_decide_the_same_for_a_mixed_folder(tmp_path, served_predictor):
+    """Children's and adults' X-rays, non-X-rays and a broken file: the same verdict, refusal and warning
+    from the CLI, the edge runner and the app's batch table."""
+    import csv
+    import shutil
+
+    import skimage.data
+
+    import app
+    from edge.run import main as edge_main
+    from pneunet.cli import main as cli_main
+
+    kermany, adults = real_xrays(3)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for index, path in enumerate(kermany + adults):
+        shutil.copy(path, folder / f"{index:02d}_{path.name}")
+    Image.fromarray(skimage.data.coins()).save(folder / "10_coins.png")
+    Image.fromarray(skimage.data.astronaut()).save(folder / "11_astronaut.png")
+    (folder / "12_broken.jpeg").write_bytes(kermany[0].read_bytes()[:500])
+    outputs = {}
+    for name, main in (("cli", cli_main), ("edge", edge_main)):
+        out = tmp_path / f"{name}.csv"
+        main((["predict"] if name == "cli" else []) + [str(folder), "--csv", str(out), "--quiet"])
+        outputs[name] = [(Path(r["path"]).name, r["label"], r["pneumonia_probability"], bool(r["error"]), r["warning"])
+                         for r in csv.DictReader(open(out))]
+    service = app.AppService(served_predictor)
+    header = app.BATCH_HEADERS
+    outputs["app"] = [(row[0], row[1], row[2], bool(row[header.index("error")]), row[header.index("warning")])
+                      for row in service.batch_rows([str(p) for p in sorted(folder.iterdir())])]
+    assert outputs["cli"] == outputs["edge"] == outputs["app"]
+    refused = {name for name, _, _, error, _ in outputs["cli"] if error}
+    assert refused == {"10_coins.png", "11_astronaut.png", "12_broken.jpeg"}

@@ -209,7 +209,7 @@ def run_batch_api(server: AppServer, cases: list[Case], report: Report) -> None:
             continue
         try:
             table, _ = client.predict([handle_file(str(case.path))], api_name="/predict_batch")
-            _, label, probability, _, _, error = table_rows(table)[0]
+            _, label, probability, _, _, error, *_ = table_rows(table)[0]
             outcome = Outcome("refused", error) if error else Outcome("analysed", f"{label} {probability}")
         except Exception as error:
             outcome = Outcome("refused", f"(sent alone) {type(error).__name__}: {error}")
@@ -222,7 +222,7 @@ def run_batch_api(server: AppServer, cases: list[Case], report: Report) -> None:
         return
     rows = table_rows(table)
     for case, row in zip(batch, rows):
-        _, label, probability, _, _, error = row  # file, label, probability (as shown), threshold, lung fields, error
+        _, label, probability, _, _, error, *_ = row  # file, label, probability (as shown), threshold, lung fields, error
         if error:
             report.put(case.name, "batch", Outcome("refused", error))
         else:

@@ -11,6 +11,11 @@ model.safetensors + model.json (the checkpoint), history.csv, curves.png, and re
 segmenter beside the checkpoint (``model.lungs.onnx`` + ``.json``); ``--counterfactual P`` pastes markers,
 stamps and occlusions into a share P of training images of both classes; ``--nih-train`` adds
 nih_adult224's train split, and then the epoch is chosen on the mean of both validation AUCs.
+
+Under torchrun the same recipe trains with DistributedDataParallel (``training.distributed``), one process
+per GPU (NCCL) or per CPU share (gloo); --batch-size is per process, and rank 0 alone evaluates and writes:
+
+    torchrun --standalone --nproc-per-node=2 -m training.train --model cnn64 --threads 1 --out runs/cnn64-ddp
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from pneunet.checkpoint import save_checkpoint, sha256_of
@@ -41,6 +46,7 @@ from pneunet.lungs import LungFinder, lungs_path_for
 from pneunet.models import LITE0_WEIGHTS_ENV, REGISTRY, build_model, default_config, get_spec, load_pretrained
 from pneunet import metrics
 from pneunet.datasets import REPO_ROOT, data_arguments, read_nih, read_split, subsample
+from training import distributed
 from training.data import XrayDataset, load_images, training_augmentation
 from training.losses import make_loss, outside_lung_share
 
@@ -84,33 +90,55 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int
     raise RuntimeError(f"Invalid scheduler {name}. Only cosine, step and none are supported.")
 
 
-def train_one_epoch(model, ema, loader, loss_fn, optimizer, scheduler, device, use_amp: bool, description: str,
+class TrainingStep(nn.Module):
+    """The training forward in one call: (logits, share of evidence outside the lungs or None without
+    lung-cell covers). DDP averages the gradients of what its wrapped forward computes, so the feature map and
+    head weight the outside-lungs loss reads come out of this forward rather than ``model.features`` called
+    beside it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, lung_cells: torch.Tensor | None = None):
+        features = self.model.features(images)
+        logits = self.model.head(features).squeeze(-1)
+        if lung_cells is None:
+            return logits, None
+        with torch.autocast(images.device.type, enabled=False):  # the share in float32, like the loss
+            return logits, outside_lung_share(features.float(), self.model.head[-1].weight[0], lung_cells)
+
+
+def train_one_epoch(model, step, ema, loader, loss_fn, optimizer, scheduler, device, use_amp: bool, description: str,
                     outside_weight: float = 0.0) -> dict:
-    """One pass; with ``outside_weight`` > 0 (batches then carry lung-cell covers) the loss adds that
-    weight times the share of evidence outside the lung fields (``losses.outside_lung_share``)."""
+    """One pass of ``step`` (a ``TrainingStep`` of ``model``, in DDP under torchrun); with ``outside_weight``
+    > 0 (batches then carry lung-cell covers) the loss adds that weight times the share of evidence outside
+    the lung fields (``losses.outside_lung_share``). Metrics are over every rank's batches."""
     losses, outside_shares, all_logits, all_labels = [], [], [], []
-    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not distributed.is_main()):
         images = batch[0].to(device, non_blocking=True, memory_format=torch.channels_last)
         labels = batch[1].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            features = model.features(images)
-            logits = model.head(features).squeeze(-1)
+            logits, share = step(images, batch[2].to(device) if outside_weight > 0 else None)
         loss = loss_fn(logits.float(), labels)
         if outside_weight > 0:
-            share = outside_lung_share(features.float(), model.head[-1].weight[0], batch[2].to(device))
             loss = loss + outside_weight * share
             outside_shares.append(share.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        # Every rank updates its EMA from its own copy of the weights, which DDP keeps identical; only rank 0's
+        # is evaluated and saved (its BatchNorm statistics are rank 0's, the ones DDP broadcasts each step).
         ema.update_parameters(model)
         losses.append(loss.item())
         all_logits.append(logits.detach().float().cpu())
         all_labels.append(labels.cpu())
-    labels_np = torch.cat(all_labels).numpy()
-    probabilities = sigmoid(torch.cat(all_logits).numpy())
-    outside = {"outside_share": float(np.mean(outside_shares))} if outside_shares else {}
+    # Ranks run the same number of batches, so the mean over all batch losses is the mean of the rank means.
+    labels_np = distributed.gather(torch.cat(all_labels).numpy())
+    probabilities = sigmoid(distributed.gather(torch.cat(all_logits).numpy()))
+    losses, outside_shares = distributed.gather(np.array(losses)), distributed.gather(np.array(outside_shares))
+    outside = {"outside_share": float(np.mean(outside_shares))} if outside_weight > 0 else {}
     return {"loss": float(np.mean(losses)), **outside, **_auc_acc(labels_np, probabilities)}
 
 
@@ -202,20 +230,24 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: argparse.Namespace) -> Path | None:
+    """Train, choose, calibrate and save; returns the checkpoint's path (``None`` on torchrun ranks but 0)."""
     commit_at_start = git_commit()  # the code that trains; recorded before anything can change it
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.init(device)  # under torchrun: this process's GPU, and the process group
+    processes, main_process = distributed.world_size(), distributed.is_main()
     use_amp = device.type == "cuda" and not args.no_amp
     spec = get_spec(args.model)
     recipe = spec.recipe
     epochs = args.epochs or recipe.epochs
     batch_size = args.batch_size or recipe.batch_size
     out = Path(args.out or REPO_ROOT / "runs" / f"{args.model}-seed{args.seed}")
-    out.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
 
     data_dir, split_file = Path(args.data_dir), Path(args.split_file)
     train_examples = subsample(read_split(split_file, "train"), args.train_limit, args.seed)
@@ -223,8 +255,11 @@ def main(args: argparse.Namespace) -> Path:
     nih_dir = Path(args.nih_dir)
     nih_train = subsample(read_nih(nih_dir, "train"), args.train_limit, args.seed) if args.nih_train else []
     nih_val = subsample(read_nih(nih_dir, "val"), args.val_limit, args.seed) if args.nih_train else []
-    print(f"decoding {len(train_examples)} + {len(nih_train)} train and {len(val_examples)} + {len(nih_val)} val images "
-          f"from {data_dir}" + (f" and {nih_dir}" if args.nih_train else ""), flush=True)
+    if not main_process:  # validation is rank 0's alone, on the whole set: the numbers a single process gets
+        val_examples, nih_val = [], []
+    if main_process:
+        print(f"decoding {len(train_examples)} + {len(nih_train)} train and {len(val_examples)} + {len(nih_val)} val images "
+              f"from {data_dir}" + (f" and {nih_dir}" if args.nih_train else ""), flush=True)
     config = default_config(args.model)
     lungs = LungFinder.load(args.lungs) if args.lungs else None
     if lungs is not None:
@@ -242,9 +277,12 @@ def main(args: argparse.Namespace) -> Path:
                             lung_cells=feature_side if args.outside_lungs else 0)
     val_set = XrayDataset(load_images(val_examples, data_dir), [e.label for e in val_examples], config, lungs=lungs)
     nih_val_set = XrayDataset(load_images(nih_val, nih_dir), [e.label for e in nih_val], config, lungs=lungs) if nih_val else None
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                              num_workers=args.workers, generator=generator, persistent_workers=args.workers > 0,
-                              pin_memory=device.type == "cuda")
+    # Under torchrun each rank reads its own 1/N of every epoch (the same shuffle on all ranks, by seed and epoch).
+    sampler = DistributedSampler(train_set, seed=args.seed) if processes > 1 else None
+    per_process = len(sampler) if sampler else len(train_set)
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                              drop_last=per_process > batch_size, num_workers=args.workers, generator=generator,
+                              persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
     val_loader = DataLoader(val_set, batch_size=64, num_workers=args.workers)
     nih_val_loader = DataLoader(nih_val_set, batch_size=64, num_workers=args.workers) if nih_val_set else None
 
@@ -270,8 +308,11 @@ def main(args: argparse.Namespace) -> Path:
     history: list[dict] = []
     start_epoch, best_score, best_epoch, best_state = 0, (-1.0, 0.0), -1, None
     resume_path = out / "resume.pt"
-    if args.resume and resume_path.is_file():
+    state = None
+    if args.resume and main_process and resume_path.is_file():
         state = torch.load(resume_path, map_location="cpu", weights_only=True)
+    state = distributed.broadcast(state)  # rank 0 writes resume.pt; every rank continues from it
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -281,14 +322,25 @@ def main(args: argparse.Namespace) -> Path:
         history, best_epoch, best_state = json.loads(state["history"]), state["best_epoch"], state["best_state"]
         best_score = tuple(state["best_score"].tolist())
         start_epoch = len(history)
-        print(f"resumed from {resume_path} after epoch {start_epoch}")
+        if main_process:
+            print(f"resumed from {resume_path} after epoch {start_epoch}")
 
     for epoch in range(start_epoch, epochs):
         set_trainable(model, ("head",) if epoch < warmup_head_epochs else trainable_prefixes)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            seed = distributed.rank_seed(args.seed, epoch)
+            torch.manual_seed(seed)  # augmentation and dropout in this process
+            generator.manual_seed(seed)  # its loader workers' seeds
+        step = distributed.wrap(TrainingStep(model), device)  # after set_trainable: DDP syncs what then trains
         started = time.perf_counter()
-        train_stats = train_one_epoch(model, ema, train_loader, loss_fn, optimizer, scheduler, device, use_amp,
+        train_stats = train_one_epoch(model, step, ema, train_loader, loss_fn, optimizer, scheduler, device, use_amp,
                                       f"epoch {epoch + 1}/{epochs}", args.outside_lungs)
         train_seconds = time.perf_counter() - started
+        if not main_process:  # rank 0 evaluates, chooses and writes, then says whether to stop
+            if distributed.broadcast(None):
+                break
+            continue
         val_stats = evaluate(ema.module, val_loader, eval_loss_fn, device)
         row = {"epoch": epoch + 1, "train_seconds": round(train_seconds, 1),
                **{f"train_{k}": v for k, v in train_stats.items()}, **{f"val_{k}": v for k, v in val_stats.items()}}
@@ -312,9 +364,12 @@ def main(args: argparse.Namespace) -> Path:
                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                     "loader_rng": generator.get_state(), "history": json.dumps(history), "best_epoch": best_epoch,
                     "best_state": best_state, "best_score": torch.tensor(best_score, dtype=torch.float64)}, resume_path)
-        if epoch + 1 - best_epoch >= args.patience:
+        stop = epoch + 1 - best_epoch >= args.patience
+        if distributed.broadcast(stop):
             print(f"early stop: no better validation score for {args.patience} epochs")
             break
+    if not main_process:
+        return None
 
     with open(out / "history.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]))
@@ -350,6 +405,8 @@ def main(args: argparse.Namespace) -> Path:
         "learning_rate": args.lr or recipe.learning_rate, "batch_size": batch_size, "ema_decay": args.ema_decay,
         "epochs_run": len(history), "best_epoch": best_epoch,
         "hardware": hardware(device), "amp": use_amp, "torch": torch.__version__,
+        **({"distributed": f"torchrun, {processes} processes ({distributed.backend()}), batch size {batch_size} "
+                           f"per process, {processes * batch_size} per step"} if processes > 1 else {}),
         "seconds_per_epoch_median": float(np.median(epoch_seconds)), "train_seconds_total": float(np.sum(epoch_seconds)),
         "threshold_rule": f"highest threshold with validation sensitivity >= {args.min_sensitivity}",
         "val": val_summary,
@@ -434,4 +491,7 @@ def recipe_settings(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    finally:
+        distributed.cleanup()

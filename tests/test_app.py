@@ -301,7 +301,9 @@ def test_the_batch_table_and_csv_have_a_lung_fields_column(service, tmp_path):
     table, csv_path = service.analyse_batch([str(XRAY), str(broken)])
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["file", "label", "pneumonia_probability", "threshold", "lung_fields", "error"]
+    assert list(rows[0]) == ["file", "label", "pneumonia_probability", "threshold", "lung_fields", "error",
+                             "operating_point", "warning"]
+    assert rows[0]["operating_point"] == "shipped"
     good, bad = rows
     assert good["label"] in ("normal", "pneumonia") and good["error"] == ""
     if service.predictor.lungs is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -121,7 +122,8 @@ def test_cli_prints_one_line_per_image(capsys):
     assert main([str(path) for path in EXAMPLE_FILES[:2]]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(path) for path in EXAMPLE_FILES[:2]]
-    assert all(0.0 <= float(line.split("\t")[2]) <= 1.0 for line in lines)
+    # the probability as people read it (pneunet.decision.format_probability)
+    assert all(re.fullmatch(r"(\d{1,2}\.\d|100\.0) %|> 99\.9 %|< 0\.1 %", line.split("\t")[2]) for line in lines), lines
 
 
 def test_missing_or_changed_model_says_what_to_do(tmp_path):
@@ -263,7 +265,8 @@ def test_int8_tflite_export_agrees_with_int8_onnx_export():
         if min(abs(a.pneumonia_probability - threshold), abs(b.pneumonia_probability - threshold)) > 0.05:
             assert a.label == b.label
     assert sum(a.label == b.label for a, b in pairs) >= len(pairs) - 1
-    assert np.mean([np.corrcoef(a.heatmap.ravel(), b.heatmap.ravel())[0, 1] for a, b in pairs]) >= 0.95
+    # nanmean: a normal film's map can be all zero (no positive evidence inside the lungs), where r is undefined
+    assert np.nanmean([np.corrcoef(a.heatmap.ravel(), b.heatmap.ravel())[0, 1] for a, b in pairs]) >= 0.95
 
 
 def test_committed_fp32_export_gives_the_apps_lung_masks_and_evidence():

@@ -57,7 +57,7 @@ def test_unexpected_error_becomes_a_message_without_traceback(app, service, monk
     with caplog.at_level(logging.INFO, logger="pneunet"):
         verdict, *_ = service.analyse_upload(str(XRAY))
         rows = service.batch_rows([str(XRAY)])
-    assert app.INTERNAL_MESSAGE in verdict and rows[0][-1] == app.INTERNAL_MESSAGE
+    assert app.INTERNAL_MESSAGE in verdict and rows[0][app.BATCH_HEADERS.index("error")] == app.INTERNAL_MESSAGE
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "KeyError" in logged and "secret" not in logged and XRAY.name not in logged
     assert len(caplog.records) == 2 and not [record for record in caplog.records if record.exc_info]

@@ -177,11 +177,19 @@ def overlay_panels(model: PneuNetModel, config: ModelConfig, images: Sequence[Im
     size = (config.image_size, config.image_size)
     panels = []
     for index, image in enumerate(images):
-        result = predictor.predict(image, heatmap=True, gate=False)
+        if model.pooled_linear:
+            result = predictor.predict(image, heatmap=True, gate=False)
+            heat = result.heatmap
+        else:  # no class activation map from the feature map: Grad-CAM on the same model input
+            result = predictor.predict(image, gate=False)
+            model_input, _ = model_view(image, config, lungs)
+            with GradCAM(model) as grad_cam:
+                maps, _ = grad_cam(torch.from_numpy(model_input[None]).to(device), "pneumonia")
+            heat = maps[0].detach().float().cpu().numpy()
         base = image.convert("RGB")
         if boxes is not None:
             base = draw_boxes(base, boxes[index], size)
-        overlay = overlay_heatmap(base, result.heatmap, result.lungs, scale="fixed" if config.evidence_scale else "relative")
+        overlay = overlay_heatmap(base, heat, result.lungs, scale="fixed" if config.evidence_scale else "relative")
         panels.append(Panel(overlay, result.pneumonia_probability, result.lungs))
     return panels
 

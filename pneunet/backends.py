@@ -272,8 +272,6 @@ class ExportedModel:
         """The model file's sha256 (checked at load): what a site profile is bound to."""
         return self.entry["sha256"]
 
-    runtime = name  # older spelling
-
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, channels, H, W) float32 model inputs -> logits (N,) and features (N, C, h, w) float32."""
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)

@@ -3,14 +3,12 @@ least the threshold. Everything that turns a logit into a verdict (app, CLI, edg
 checks) calls these two functions.
 
     probability = calibrated_probability(logits, config.temperature)
-    label = decide(probability, config)
+    label = decide(probability, config.threshold, config.labels)
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from pneunet.config import ModelConfig
 
 
 def sigmoid(values) -> np.ndarray:
@@ -30,9 +28,10 @@ def is_pneumonia(probabilities, threshold: float) -> np.ndarray:
     return np.asarray(probabilities, dtype=np.float64) >= float(threshold)
 
 
-def decide(probability: float, config: ModelConfig) -> str:
-    """The label for one calibrated probability under ``config``'s threshold."""
-    return config.labels[1] if bool(is_pneumonia(probability, config.threshold)) else config.labels[0]
+def decide(probability: float, threshold: float, labels: tuple[str, str]) -> str:
+    """The label (labels = (normal, pneumonia)) for one calibrated probability at the operating threshold
+    (the model's, or a site profile's)."""
+    return labels[1] if bool(is_pneumonia(probability, threshold)) else labels[0]
 
 
 def format_probability(probability: float) -> str:

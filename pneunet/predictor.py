@@ -25,7 +25,7 @@ from PIL import Image
 
 from pneunet.backends import Backend, ExportedModel, ModelFileError, load_backend
 from pneunet.config import ModelConfig
-from pneunet.decision import calibrated_probability, is_pneumonia
+from pneunet.decision import calibrated_probability, decide
 from pneunet.gate import GateFileError, InputGate, NotAnXrayError, gate_fitted_for, gate_path_for
 from pneunet.heatmap import evidence_and_shown, heatmap_from_features, target_sign
 from pneunet.integrity import sha256_of
@@ -203,8 +203,7 @@ class Predictor:
                 distance = float(self.gate.distance(pooled)[0])
                 refusal = self.gate.feature_refusal(distance)
             shown, evidence = self._maps(feature_map, targets, fields) if heatmap else ({}, {})
-            label = self.config.labels[1] if is_pneumonia(probability, self.threshold) else self.config.labels[0]
-            results.append(Prediction(label, float(probability), self.threshold, float(logit),
+            results.append(Prediction(decide(probability, self.threshold, self.config.labels), float(probability), self.threshold, float(logit),
                                       next(iter(shown.values()), None), shown, pooled, distance, refusal, evidence, fields,
                                       self.operating_point))
         return results

@@ -15,7 +15,8 @@ def test_calibrated_probability_is_the_tempered_sigmoid_and_stable_at_the_ends()
 
 def test_the_threshold_itself_counts_as_pneumonia():
     config = ModelConfig(architecture="efficientnet_lite0", image_size=224, threshold=0.4)
-    assert decide(0.4, config) == "pneumonia" and decide(0.3999, config) == "normal"
+    assert decide(0.4, config.threshold, config.labels) == "pneumonia"
+    assert decide(0.3999, config.threshold, config.labels) == "normal"
     assert is_pneumonia([0.39, 0.4, 0.9], 0.4).tolist() == [False, True, True]
 
 

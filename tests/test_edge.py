@@ -229,8 +229,8 @@ def test_int8_model_runs_with_reference_arithmetic_where_fused_kernels_saturate(
     auto = ExportedModel.load(INT8_ONNX)
     reference = ExportedModel.load(INT8_ONNX, int8_kernels="reference")
     fused = ExportedModel.load(INT8_ONNX, int8_kernels="fused")
-    assert "reference" in reference.runtime and "fused" in fused.runtime
-    assert ("reference" in auto.runtime) is int8_kernels_saturate()
+    assert "reference" in reference.name and "fused" in fused.name
+    assert ("reference" in auto.name) is int8_kernels_saturate()
     expected = (reference if int8_kernels_saturate() else fused).run(inputs)[0]
     np.testing.assert_allclose(auto.run(inputs)[0], expected, atol=1e-5)
     with pytest.raises(ModelFileError, match="choose one of"):
